@@ -1,0 +1,652 @@
+"""CHIAR-Former: each token, at each routed layer, takes one of DCT mixing, RBF mixing or attention.
+
+Assembly only: operators live in `operator_*.py`, routing in `routing.py`, FLOP formulas in
+`flops.py`. Semantics: spec/CHIAR.md.
+"""
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+
+from .configuration_chiar import ChiarConfig
+from .flops import linear_flops
+from .operator_attention import RotaryEmbedding, RoutedAttention
+from .operator_dct import DCTMixing
+from .operator_rbf import RBFMixing, rbf_features
+from .routing import GateRouter, MetaRouter, RandomRouter, ThresholdRouter, build_router, initial_thresholds
+from .spectral import dct_matrix, spectral_entropy_from_coefficients
+
+
+@dataclass
+class LayerRouting:
+    """What one layer did: which operator each token took, its entropy, and the work executed."""
+
+    operators: tuple  # operator names; `operator_ids` index into them
+    operator_ids: torch.Tensor  # (B, T) long
+    entropy: torch.Tensor | None  # (B, T) in [0, 1]
+    token_mask: torch.Tensor | None  # (B, T) bool, real tokens; None when nothing is padded
+    thresholds: torch.Tensor | None = None  # threshold router only
+    attention_queries: int = 0  # real tokens that ran attention as a query
+    attention_flops: float = 0.0  # attention FLOPs executed (projections and kernel)
+    operator_flops: float = 0.0  # FLOPs of the token-operator sub-layer, routing included
+
+    def shares(self):
+        """Each operator's share of the real (non-padding) tokens."""
+        mask = torch.ones_like(self.operator_ids, dtype=torch.bool) if self.token_mask is None else self.token_mask
+        ids = self.operator_ids[mask]
+        total = max(int(ids.numel()), 1)
+        return {op: int((ids == k).sum()) / total for k, op in enumerate(self.operators)}
+
+
+@dataclass
+class ChiarModelOutput(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    routing: tuple | None = None
+    aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class ChiarCausalLMOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    routing: tuple | None = None
+    aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class ChiarSequenceClassifierOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    routing: tuple | None = None
+    aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MixContext:
+    """Per-forward data every layer shares."""
+
+    rope: tuple  # (cos, sin), each (B, T, head_dim)
+    positions: torch.Tensor  # (B, T) positions counting real tokens only
+    token_mask: torch.Tensor | None  # (B, T) bool; None when nothing is padded
+    dct: torch.Tensor  # (d, d) orthonormal DCT-II
+    output_routing: bool
+    output_attentions: bool
+
+
+def gather_selected(selected):
+    """Indices (B, M) of the True entries of `selected` (B, T) in position order, and which are real.
+
+    Rows with fewer than M selections are filled with unselected positions marked invalid: they are
+    computed (a rectangular batch) but their outputs are discarded.
+    """
+    length = selected.shape[1]
+    counts = selected.sum(dim=1)
+    num = int(counts.max())
+    order_key = (~selected).long() * length + torch.arange(length, device=selected.device)
+    index = order_key.argsort(dim=1)[:, :num]
+    valid = torch.arange(num, device=selected.device)[None, :] < counts[:, None]
+    return index, valid
+
+
+class TokenMixer(nn.Module):
+    """The token-operator sub-layer of one layer: route, run each operator on its tokens only, merge."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.operators = config.layer_operators(layer_idx)
+        self.dct = DCTMixing(config.hidden_size) if "dct" in self.operators else None
+        self.rbf = RBFMixing(config, layer_idx) if "rbf" in self.operators else None
+        self.attention = RoutedAttention(config, layer_idx) if "attention" in self.operators else None
+        self.router = build_router(config, layer_idx) if len(self.operators) > 1 else None
+
+    def needs_entropy(self, output_routing):
+        return output_routing or isinstance(self.router, (ThresholdRouter, GateRouter))
+
+    def forward(self, x, ctx):
+        batch, length, d = x.shape
+        coefficients = entropy = None
+        flops = 0.0
+        if self.dct is not None or self.needs_entropy(ctx.output_routing):
+            coefficients = x.float() @ ctx.dct.T  # shared by the entropy and the DCT operator
+            flops += linear_flops(batch * length, d, d)
+        if self.needs_entropy(ctx.output_routing):
+            entropy = spectral_entropy_from_coefficients(coefficients)
+
+        decision = None
+        if self.router is None:
+            ids = torch.zeros(batch, length, dtype=torch.long, device=x.device)
+        else:
+            decision = self.router(x, entropy, ctx.positions, ctx.token_mask)
+            ids = decision.operator_ids
+            if ctx.token_mask is not None:  # padding takes the cheapest operator
+                ids = ids.masked_fill(~ctx.token_mask, 0)
+        soft = isinstance(self.router, GateRouter) and not self.router.hard
+
+        output = torch.zeros_like(x)
+        attentions = None
+        attention_queries, attention_flops = 0, 0.0
+        for k, name in enumerate(self.operators):
+            every_token = self.router is None or soft
+            selected = None if every_token else ids == k
+            if selected is not None and not bool(selected.any()):
+                continue  # nobody routed here: the operator costs nothing, not even its keys
+            if name == "dct":
+                op_out, op_flops = self._run_dct(coefficients, ctx.dct, selected, x.dtype)
+            else:
+                op_out, op_flops, op_attn = self._run_mixing(name, x, ctx, selected)
+                if name == "attention":
+                    attentions = op_attn
+                    attention_flops = op_flops
+                    real = torch.ones_like(ids, dtype=torch.bool) if ctx.token_mask is None else ctx.token_mask
+                    attention_queries = int(real.sum()) if selected is None else int((selected & real).sum())
+            if soft:
+                op_out = op_out * decision.weights[..., k : k + 1].to(op_out.dtype)
+            output = output + op_out
+            flops += op_flops
+        if decision is not None and decision.weights is not None and not soft:
+            # Learned router: the chosen operator's output times p / p.detach(), 1 in value, for the gradient.
+            output = output * decision.weights.sum(dim=-1, keepdim=True).to(output.dtype)
+
+        record = LayerRouting(
+            operators=self.operators,
+            operator_ids=ids,
+            entropy=entropy,
+            token_mask=ctx.token_mask,
+            thresholds=self.router.thresholds.detach().clone() if isinstance(self.router, ThresholdRouter) else None,
+            attention_queries=attention_queries,
+            attention_flops=attention_flops,
+            operator_flops=flops,
+        )
+        aux_loss = decision.aux_loss if decision is not None else None
+        return output, attentions, record, aux_loss
+
+    def _run_dct(self, coefficients, dct, selected, dtype):
+        d = coefficients.shape[-1]
+        if selected is None:
+            out = self.dct(coefficients, dct).to(dtype)
+            return out, linear_flops(out.shape[0] * out.shape[1], d, d)
+        rows = self.dct(coefficients[selected], dct).to(dtype)
+        out = torch.zeros(coefficients.shape, dtype=dtype, device=coefficients.device).index_put((selected,), rows)
+        return out, linear_flops(rows.shape[0], d, d)
+
+    def _run_mixing(self, name, x, ctx, selected):
+        """Attention or RBF for the selected tokens (or all), scattered back to (B, T, d)."""
+        operator = self.attention if name == "attention" else self.rbf
+        index = valid = None
+        if selected is not None:
+            index, valid = gather_selected(selected)
+        if name == "attention":
+            out, attn, flops = operator(x, ctx.rope, index, ctx.token_mask, ctx.output_attentions)
+        else:
+            (out, flops), attn = operator(x, index, ctx.token_mask), None
+        if index is None:
+            return out, flops, attn
+        if attn is not None:  # rows of unselected tokens carry no attention
+            attn = attn * selected[:, None, :, None].to(attn.dtype)
+        out = out * valid[..., None].to(out.dtype)
+        scattered = torch.zeros_like(x).scatter_add(1, index[..., None].expand(-1, -1, x.shape[-1]), out)
+        return scattered, flops, attn
+
+
+class ChiarMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+class ChiarDecoderLayer(GradientCheckpointingLayer):
+    """Token-operator sub-layer, then the position-wise FFN, each with a residual and a layer norm."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.mixer = TokenMixer(config, layer_idx)
+        self.mlp = ChiarMLP(config)
+        self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.meta_router = MetaRouter(config) if config.use_meta_router and layer_idx == 0 else None
+
+    def forward(self, hidden_states, ctx):
+        layer_input = hidden_states
+        if self.pre_norm:
+            mixed, attentions, record, aux = self.mixer(self.mixer_norm(hidden_states), ctx)
+            hidden_states = hidden_states + self.dropout(mixed)
+            hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        else:
+            mixed, attentions, record, aux = self.mixer(hidden_states, ctx)
+            hidden_states = self.mixer_norm(hidden_states + self.dropout(mixed))
+            hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+        if self.meta_router is not None:
+            hidden_states = self.meta_router(layer_input, hidden_states, ctx.token_mask)
+        if aux is None:
+            aux = hidden_states.new_zeros(())
+        return hidden_states, aux, attentions, record
+
+
+class ChiarPreTrainedModel(PreTrainedModel):
+    config_class = ChiarConfig
+    config: ChiarConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ChiarDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    # Hub remote code: every Auto class resolves to these modules, copied flat next to the weights.
+    auto_map = {
+        "AutoConfig": "configuration_chiar.ChiarConfig",
+        "AutoModel": "modeling_chiar.ChiarModel",
+        "AutoModelForCausalLM": "modeling_chiar.ChiarForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_chiar.ChiarForSequenceClassification",
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Weights and config as usual, plus the model's code and a complete `auto_map`, so the folder
+        loads with `trust_remote_code=True` where this project is not installed."""
+        self.config.auto_map = dict(self.auto_map)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for source in [__file__] + get_relative_import_files(__file__):
+                shutil.copy(source, os.path.join(save_directory, os.path.basename(source)))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict_architecture=True, **kwargs):
+        """transformers' loading, with clear errors for corrupt checkpoints and, unless
+        `strict_architecture=False`, for checkpoints whose body does not match the config (missing or
+        unexpected weights outside the task head would otherwise be silently re-initialised)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except Exception as error:  # safetensors raises its own type; name the file and the cause
+            if type(error).__name__ == "SafetensorError" or "deserializ" in str(error):
+                raise ValueError(
+                    f"The checkpoint at {pretrained_model_name_or_path!r} is corrupt or truncated "
+                    f"and cannot be read ({error}). Re-download or re-save it."
+                ) from error
+            raise
+        if strict_architecture:
+            prefix = model.base_model_prefix + "."
+            has_head = hasattr(model, model.base_model_prefix)
+            body = sorted(
+                key
+                for key in set(info["missing_keys"]) | set(info["unexpected_keys"])
+                if not has_head or key.startswith(prefix)
+            )
+            if body:
+                raise ValueError(
+                    f"The checkpoint at {pretrained_model_name_or_path!r} does not match this model's architecture "
+                    f"(layer_schedule={model.config.layer_schedule}, routed_operators={model.config.routed_operators}): "
+                    f"missing or unexpected weights {body[:6]}{' ...' if len(body) > 6 else ''}. Load it with its own "
+                    "config.json, or pass strict_architecture=False to re-initialise what is missing."
+                )
+        return (model, info) if want_info else model
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Parameters as transformers does; every buffer rebuilt from the config (works from the meta device)."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, DCTMixing):
+            init.ones_(module.gain)
+        elif isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(device=module.inv_freq.device))
+        elif isinstance(module, RBFMixing):
+            features = rbf_features(module.num_heads, module.head_dim, module.num_features, module.layer_idx)
+            init.copy_(module.projection, features.to(module.projection.device))
+        elif isinstance(module, ThresholdRouter):
+            init.copy_(module.thresholds, initial_thresholds(self.config).to(module.thresholds.device))
+            init.zeros_(module.num_updates)
+        elif isinstance(module, GateRouter):
+            center, scale, slopes, biases = GateRouter.initial_gate(self.config)
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.copy_(module.entropy_weight, slopes)
+            init.copy_(module.bias, biases)
+            init.copy_(module.center, center)
+            init.copy_(module.scale, scale)
+            targets = [self.config.router_target_fractions[op] for op in self.config.routed_operators]
+            init.copy_(module.targets, torch.tensor(targets))
+        elif isinstance(module, RandomRouter):
+            init.copy_(module.boundaries, RandomRouter(self.config, module.layer_idx).boundaries)
+        elif isinstance(module, MetaRouter):
+            init.zeros_(module.weight)
+            init.constant_(module.bias, 2.0)
+        elif isinstance(module, ChiarModel):
+            init.copy_(module.dct_basis, dct_matrix(self.config.hidden_size, device=module.dct_basis.device))
+
+
+class ChiarModel(ChiarPreTrainedModel):
+    """Embeddings, the scheduled layers, and a final norm (pre-norm only)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        config.validate_chiar()  # fields may have been changed since the config was built
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList([ChiarDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.dct_basis = nn.Buffer(dct_matrix(config.hidden_size), persistent=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_routing=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        config = self.config
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        if output_attentions and (config._attn_implementation or "eager") != "eager":
+            raise ValueError(
+                "output_attentions=True needs attn_implementation='eager' "
+                f"(this model uses {config._attn_implementation!r}, which does not return attention weights)."
+            )
+        inputs_embeds, token_mask, positions = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
+
+        hidden_states = self.dropout(inputs_embeds)
+        ctx = MixContext(
+            rope=self.rotary_emb(positions, hidden_states.dtype),
+            positions=positions,
+            token_mask=token_mask,
+            dct=self.dct_basis,
+            output_routing=bool(output_routing),
+            output_attentions=bool(output_attentions),
+        )
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        records, aux_losses = [], []
+        for layer in self.layers:
+            hidden_states, aux, attentions, record = layer(hidden_states, ctx)
+            records.append(record)
+            if isinstance(layer.mixer.router, GateRouter) and layer.mixer.router.hard:
+                aux_losses.append(aux)
+            if output_attentions:
+                if attentions is None:  # no token of this layer ran attention
+                    batch, length = hidden_states.shape[:2]
+                    attentions = hidden_states.new_zeros(batch, config.num_attention_heads, length, length)
+                all_attentions += (attentions,)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+            if output_hidden_states:
+                all_hidden = all_hidden[:-1] + (hidden_states,)
+
+        for layer, record in zip(self.layers, records):
+            if isinstance(layer.mixer.router, ThresholdRouter):
+                layer.mixer.router.update(record.entropy, token_mask)  # after the pass: batches already seen
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+
+        output = ChiarModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden,
+            attentions=all_attentions,
+            routing=tuple(records) if output_routing else None,
+            aux_loss=aux_loss,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids):
+        """Validate the inputs with clear errors; return embeddings, real-token mask and positions."""
+        config = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)]
+                raise ValueError(
+                    f"input_ids contain token ids outside the vocabulary [0, {config.vocab_size}): "
+                    f"{bad.unique()[:8].tolist()}. Check that the tokenizer matches the model."
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, sequence, {config.hidden_size}), got {tuple(inputs_embeds.shape)}."
+            )
+        batch, length = inputs_embeds.shape[:2]
+        if length > config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence length {length} exceeds max_position_embeddings={config.max_position_embeddings}, "
+                "the longest this model supports. Truncate the input or raise max_position_embeddings in the config."
+            )
+        token_mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, length):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but the input has shape {(batch, length)}: "
+                    "they must match (one 1/0 entry per token)."
+                )
+            if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token).")
+            token_mask = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)
+            if bool(token_mask.all()):
+                token_mask = None
+        if position_ids is None:
+            if token_mask is None:
+                position_ids = torch.arange(length, device=inputs_embeds.device).expand(batch, length)
+            else:  # positions count real tokens only, so left padding shifts nothing
+                position_ids = (token_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        else:
+            position_ids = position_ids.to(inputs_embeds.device).expand(batch, length)
+            if int(position_ids.max()) >= config.max_position_embeddings or int(position_ids.min()) < 0:
+                raise ValueError(
+                    f"position_ids must lie in [0, max_position_embeddings={config.max_position_embeddings})."
+                )
+        return inputs_embeds, token_mask, position_ids
+
+
+class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        if not config.is_causal:
+            raise ValueError("ChiarForCausalLM needs is_causal=True; bidirectional models are for classification.")
+        self.model = ChiarModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_routing=None,
+        return_dict=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_routing=output_routing,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+            if bool(bad.any()):
+                raise ValueError(f"labels must be -100 (ignored) or token ids in [0, {self.config.vocab_size}).")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if outputs.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
+        output = ChiarCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            routing=outputs.routing,
+            aux_loss=outputs.aux_loss,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ChiarForSequenceClassification(ChiarPreTrainedModel):
+    """Pooled (masked mean by default) final hidden states -> dropout -> linear head."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = ChiarModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def pool(self, hidden_states, attention_mask):
+        batch, length = hidden_states.shape[:2]
+        mask = torch.ones(batch, length, device=hidden_states.device) if attention_mask is None else attention_mask
+        mask = mask.to(device=hidden_states.device, dtype=hidden_states.dtype)
+        if self.config.classifier_pooling == "mean":
+            return (hidden_states * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)
+        positions = torch.arange(length, device=hidden_states.device)
+        real = mask > 0
+        if self.config.classifier_pooling == "last":
+            index = torch.where(real, positions, -1).amax(dim=1).clamp_min(0)
+        else:
+            index = torch.where(real, positions, length).amin(dim=1).clamp_max(length - 1)
+        return hidden_states[torch.arange(batch, device=hidden_states.device), index]
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        output_routing=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_routing=output_routing,
+            return_dict=True,
+        )
+        logits = self.score(self.dropout(self.pool(outputs.last_hidden_state, attention_mask)))
+
+        loss = None
+        if labels is not None:
+            loss = self.classification_loss(logits, labels.to(logits.device))
+            if outputs.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
+        output = ChiarSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            routing=outputs.routing,
+            aux_loss=outputs.aux_loss,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def classification_loss(self, logits, labels):
+        """transformers' `problem_type` convention: regression, single- or multi-label classification."""
+        config = self.config
+        if config.problem_type is None:
+            if self.num_labels == 1:
+                config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                config.problem_type = "single_label_classification"
+            else:
+                config.problem_type = "multi_label_classification"
+        if config.problem_type == "regression":
+            if self.num_labels == 1:
+                return nn.functional.mse_loss(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
+            return nn.functional.mse_loss(logits, labels.to(logits.dtype))
+        if config.problem_type == "single_label_classification":
+            labels = labels.view(-1)
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.num_labels))
+            if bool(bad.any()):
+                raise ValueError(f"labels must be class ids in [0, num_labels={self.num_labels}), got {labels[bad][:8].tolist()}.")
+            return nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels)
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+__all__ = [
+    "ChiarPreTrainedModel",
+    "ChiarModel",
+    "ChiarForCausalLM",
+    "ChiarForSequenceClassification",
+    "LayerRouting",
+]

@@ -1,0 +1,161 @@
+"""Multi-head softmax attention with RoPE, where only the tokens routed to attention are queries.
+
+Keys and values are projected for every token (any later attention query may look at them); queries
+and the output projection only for the routed tokens. Queries are processed in position order, in
+blocks that each see only the keys visible to the block's last query, so a 25% query share does not
+pay for the masked-out upper triangle that a causal kernel would skip anyway.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .flops import attention_kernel_flops, linear_flops
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables (cos, sin) for given positions; one instance shared by all layers."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device=None):
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def forward(self, positions, dtype):
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, h, N, hd); cos, sin: (B, N, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention: explicit scores, boolean mask (True = may attend), fp32 softmax."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def query_blocks(num_queries, min_block=64, max_blocks=16):
+    """Split `num_queries` position-sorted queries into contiguous blocks: [(start, end), ...]."""
+    size = max(min_block, math.ceil(num_queries / max_blocks))
+    return [(start, min(start + size, num_queries)) for start in range(0, num_queries, size)]
+
+
+class RoutedAttention(nn.Module):
+    """Attention operator of one layer; `forward` attends only the selected query tokens."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = config.is_causal
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def _heads(self, x):
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, rope, query_index=None, key_mask=None, output_attentions=False):
+        """Attend the tokens `query_index` (B, M), sorted by position, or every token when None.
+
+        x: (B, T, d) operator input for all tokens; rope: (cos, sin), each (B, T, hd);
+        key_mask: (B, T) bool, True for real tokens, or None when nothing is padded.
+        Returns (output (B, M, d), attention weights (B, h, T, T) or None, executed FLOPs).
+        """
+        batch, length, d = x.shape
+        cos, sin = rope
+        keys = apply_rotary(self._heads(self.k_proj(x)), cos, sin)
+        values = self._heads(self.v_proj(x))
+        flops = 2 * linear_flops(batch * length, d, d)
+
+        implementation = self.config._attn_implementation or "eager"
+        if implementation == "eager":
+            attention_fn = eager_attention_forward
+        else:
+            attention_fn = ALL_ATTENTION_FUNCTIONS[implementation]
+        dropout = self.config.attention_dropout if self.training else 0.0
+
+        if query_index is None and self.is_causal and key_mask is None and implementation == "sdpa":
+            # Every token is a query and nothing is padded: the fused causal kernel is the cheapest path.
+            queries = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
+            output, _ = attention_fn(
+                self, queries, keys, values, None, dropout=dropout, scaling=self.scaling, is_causal=True
+            )
+            flops += 2 * linear_flops(batch * length, d, d) + attention_kernel_flops(batch, length, length, d, causal=True)
+            return self.o_proj(output.reshape(batch, length, d)), None, flops
+
+        if query_index is None:
+            query_index = torch.arange(length, device=x.device).expand(batch, length)
+        num_queries = query_index.shape[1]
+        gather = query_index[..., None].expand(-1, -1, cos.shape[-1])
+        q_cos, q_sin = cos.gather(1, gather), sin.gather(1, gather)
+        q_in = x.gather(1, query_index[..., None].expand(-1, -1, d))
+        queries = apply_rotary(self._heads(self.q_proj(q_in)), q_cos, q_sin)
+        flops += 2 * linear_flops(batch * num_queries, d, d)
+
+        key_positions = torch.arange(length, device=x.device)
+        outputs, weights = [], []
+        for start, end in query_blocks(num_queries):
+            block_index = query_index[:, start:end]
+            # Causal: no query of this block sees past its last query, so later keys are never computed.
+            num_keys = int(block_index.max()) + 1 if self.is_causal else length
+            allowed = self._mask(block_index, key_positions[:num_keys], key_mask)
+            output, block_weights = attention_fn(
+                self,
+                queries[:, :, start:end],
+                keys[:, :, :num_keys],
+                values[:, :, :num_keys],
+                allowed[:, None],
+                dropout=dropout,
+                scaling=self.scaling,
+                is_causal=False,
+            )
+            flops += attention_kernel_flops(batch, end - start, num_keys, d, causal=False)
+            outputs.append(output)
+            if output_attentions and block_weights is not None:
+                weights.append(nn.functional.pad(block_weights, (0, length - num_keys)))
+        output = self.o_proj(torch.cat(outputs, dim=1).reshape(batch, num_queries, d))
+        attentions = None
+        if output_attentions and weights:
+            attentions = x.new_zeros(batch, self.num_heads, length, length)
+            rows = query_index[:, None, :, None].expand(-1, self.num_heads, -1, length)
+            attentions = attentions.scatter(2, rows, torch.cat(weights, dim=2))
+        return output, attentions, flops
+
+    def _mask(self, query_index, key_positions, key_mask):
+        """(B, Mq, K) bool: causally visible real keys; every query may always see itself (no empty rows)."""
+        keys = key_positions[None, None, :]
+        queries = query_index[..., None]
+        allowed = keys <= queries if self.is_causal else torch.ones_like(keys, dtype=torch.bool)
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, : key_positions.shape[0]]
+        return allowed | (keys == queries)

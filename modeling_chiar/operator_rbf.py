@@ -1,0 +1,113 @@
+"""RBF kernel mixing: linear-time kernel attention with k(q, k) = exp(-gamma ||q - k||^2).
+
+The kernel is estimated with R positive random features (Performer-style):
+    exp(-g||q - k||^2) = E_w[phi(q) phi(k)],   phi(u) = exp(sqrt(2g) w.u - 2g||u||^2) / sqrt(R),
+so the normaliser sum_s phi(q).phi(k_s) is a sum of positive terms and never changes sign.
+Queries and keys are L2-normalised per head: the kernel lives on the unit sphere, where the
+exponent stays within a few units and nothing overflows in fp32 (features are computed in fp32).
+
+Causal mode keeps prefix sums of phi(k) v^T and phi(k): a fixed-size state per head, O(T R d) in
+all. Every token contributes keys to the state; only the tokens routed to RBF read from it.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .flops import linear_flops
+
+CHUNK = 32  # prefix states are materialised once per chunk; queries add their chunk's earlier keys
+QUERY_BLOCK = 256  # gathered queries are processed in blocks to bound memory
+
+
+def rbf_features(num_heads, head_dim, num_features, layer_idx, device=None):
+    """Fixed Gaussian projections, seeded by layer so `_init_weights` can rebuild them exactly."""
+    generator = torch.Generator().manual_seed(1_000_003 + layer_idx)
+    return torch.randn(num_heads, head_dim, num_features, generator=generator).to(device)
+
+
+class RBFMixing(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_features = config.rbf_num_features
+        self.gamma = config.rbf_gamma
+        self.is_causal = config.is_causal
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.projection = nn.Buffer(rbf_features(self.num_heads, self.head_dim, self.num_features, layer_idx))
+
+    def feature_map(self, x):
+        """(..., d) -> positive features (..., h, R) in fp32."""
+        u = x.float().view(*x.shape[:-1], self.num_heads, self.head_dim)
+        u = nn.functional.normalize(u, dim=-1)
+        proj = torch.einsum("...hd,hdr->...hr", u, self.projection.float())
+        return torch.exp(math.sqrt(2 * self.gamma) * proj - 2 * self.gamma) / math.sqrt(self.num_features)
+
+    def forward(self, x, query_index=None, key_mask=None):
+        """Mix for the tokens `query_index` (B, M), or every token when None. Returns (output (B, M, d), FLOPs)."""
+        batch, length, d = x.shape
+        h, hd, r = self.num_heads, self.head_dim, self.num_features
+        key_features = self.feature_map(self.k_proj(x))  # (B, T, h, R)
+        values = self.v_proj(x).float().view(batch, length, h, hd)
+        if key_mask is not None:
+            key_features = key_features * key_mask[:, :, None, None]
+        flops = 2 * linear_flops(batch * length, d, d) + 2 * batch * length * d * r
+        if query_index is None:
+            query_index = torch.arange(length, device=x.device).expand(batch, length)
+        num_queries = query_index.shape[1]
+        q_in = x.gather(1, query_index[..., None].expand(-1, -1, d))
+        query_features = self.feature_map(self.q_proj(q_in))  # (B, M, h, R)
+        flops += linear_flops(batch * num_queries, d, d) + 2 * batch * num_queries * d * r
+
+        if not self.is_causal:
+            state = torch.einsum("bthr,bthe->bhre", key_features, values)
+            normaliser = key_features.sum(dim=1)  # (B, h, R)
+            numerator = torch.einsum("bmhr,bhre->bmhe", query_features, state)
+            denominator = torch.einsum("bmhr,bhr->bmh", query_features, normaliser)
+            flops += 2 * batch * length * h * r * hd + 4 * batch * num_queries * h * r * hd
+        else:
+            numerator, denominator, causal_flops = self._causal(key_features, values, query_features, query_index)
+            flops += causal_flops
+        mixed = numerator / denominator.clamp_min(1e-6)[..., None]
+        output = self.o_proj(mixed.reshape(batch, num_queries, d).to(x.dtype))
+        return output, flops + linear_flops(batch * num_queries, d, d)
+
+    def _causal(self, key_features, values, query_features, query_index):
+        batch, length, h, r = key_features.shape
+        hd = values.shape[-1]
+        num_chunks = math.ceil(length / CHUNK)
+        pad = num_chunks * CHUNK - length
+        kf = nn.functional.pad(key_features, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, CHUNK, h, r)
+        vv = nn.functional.pad(values, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, CHUNK, h, hd)
+        # State before each chunk: exclusive prefix sums of per-chunk sums.
+        chunk_state = torch.einsum("bcthr,bcthe->bchre", kf, vv)
+        chunk_norm = kf.sum(dim=2)
+        prefix_state = torch.cumsum(chunk_state, dim=1) - chunk_state
+        prefix_norm = torch.cumsum(chunk_norm, dim=1) - chunk_norm
+        flops = 2 * batch * num_chunks * CHUNK * h * r * hd
+
+        numerators, denominators = [], []
+        offsets = torch.arange(CHUNK, device=key_features.device)
+        for start in range(0, query_index.shape[1], QUERY_BLOCK):
+            index = query_index[:, start : start + QUERY_BLOCK]
+            qf = query_features[:, start : start + QUERY_BLOCK]
+            chunk = index // CHUNK
+            state = prefix_state[torch.arange(batch)[:, None], chunk]  # (B, m, h, R, hd)
+            norm = prefix_norm[torch.arange(batch)[:, None], chunk]  # (B, m, h, R)
+            # Keys of the query's own chunk at or before it.
+            local_k = kf[torch.arange(batch)[:, None], chunk]  # (B, m, C, h, R)
+            local_v = vv[torch.arange(batch)[:, None], chunk]  # (B, m, C, h, hd)
+            visible = (chunk[..., None] * CHUNK + offsets) <= index[..., None]  # (B, m, C)
+            scores = torch.einsum("bmhr,bmchr->bmhc", qf, local_k) * visible[:, :, None, :]
+            numerators.append(torch.einsum("bmhr,bmhre->bmhe", qf, state) + torch.einsum("bmhc,bmche->bmhe", scores, local_v))
+            denominators.append(torch.einsum("bmhr,bmhr->bmh", qf, norm) + scores.sum(dim=-1))
+            m = index.shape[1]
+            flops += 2 * batch * m * h * (r * hd + r + CHUNK * r + CHUNK * hd)
+        return torch.cat(numerators, dim=1), torch.cat(denominators, dim=1), flops

@@ -1,0 +1,57 @@
+"""The orthonormal DCT-II over the hidden axis, and the spectral entropy that routing reads."""
+
+import math
+
+import torch
+
+
+def dct_matrix(n, device=None, dtype=torch.float32):
+    """Orthonormal DCT-II matrix C (n x n): `C @ x` equals scipy's `dct(x, type=2, norm="ortho")`.
+
+    C is orthogonal, so the inverse transform is `C.T`. We apply it as a matmul rather than an FFT:
+    at hidden sizes of a few hundred, one BLAS call beats the FFT's complex arithmetic on CPU and GPU.
+    """
+    k = torch.arange(n, device=device, dtype=torch.float64)[:, None]
+    i = torch.arange(n, device=device, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] = c[0] / math.sqrt(2.0)
+    return c.to(dtype)
+
+
+def spectral_entropy_from_coefficients(coefficients):
+    """Normalised Shannon entropy of the DCT power spectrum, in [0, 1]; coefficients over the last axis.
+
+    Computed in fp32 without gradient: p log p has an infinite slope at p = 0, and routing only needs
+    the value. The zero vector (no spectrum) gets entropy 1, the maximum-uncertainty value, and huge
+    inputs are rescaled before squaring so nothing overflows.
+    """
+    with torch.no_grad():
+        c = coefficients.float()
+        c = c / c.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        power = c.square()
+        total = power.sum(dim=-1, keepdim=True)
+        n = c.shape[-1]
+        p = torch.where(total > 0, power / total.clamp_min(torch.finfo(torch.float32).tiny), 1.0 / n)
+        plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+        entropy = -plogp.sum(dim=-1) / math.log(n)
+        return entropy.clamp(0.0, 1.0)
+
+
+def spectral_entropy(x, dct=None):
+    """H(x) of spec/CHIAR.md for hidden vectors x (..., d)."""
+    if dct is None:
+        dct = dct_matrix(x.shape[-1], device=x.device)
+    return spectral_entropy_from_coefficients(x.float() @ dct.float().T)
+
+
+def gaussian_entropy_quantiles(hidden_size, quantiles, num_samples=8192, seed=0):
+    """Quantiles of H for standard Gaussian vectors of width `hidden_size` (seeded, deterministic).
+
+    The threshold router starts from these before it has seen any data: the paper's published
+    thresholds are exactly such quantiles (spec, fidelity note 7).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, hidden_size, generator=generator)
+    x = x - x.mean(dim=-1, keepdim=True)  # what a LayerNorm'd input looks like
+    entropy = spectral_entropy(x)
+    return torch.quantile(entropy, torch.tensor(quantiles, dtype=torch.float32))
