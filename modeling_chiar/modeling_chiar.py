@@ -317,6 +317,7 @@ class ChiarPreTrainedModel(PreTrainedModel):
             init.copy_(module.projection, features.to(module.projection.device))
         elif isinstance(module, ThresholdRouter):
             init.copy_(module.thresholds, initial_thresholds(self.config).to(module.thresholds.device))
+            init.copy_(module.train_thresholds, initial_thresholds(self.config).to(module.thresholds.device))
             init.zeros_(module.num_updates)
         elif isinstance(module, GateRouter):
             center, scale, slopes, biases = GateRouter.initial_gate(self.config)
@@ -411,9 +412,8 @@ class ChiarModel(ChiarPreTrainedModel):
             if output_hidden_states:
                 all_hidden = all_hidden[:-1] + (hidden_states,)
 
-        for layer, record in zip(self.layers, records):
-            if isinstance(layer.mixer.router, ThresholdRouter):
-                layer.mixer.router.update(record.entropy, token_mask)  # after the pass: batches already seen
+        if self.training and self._calibrating_routers():
+            self._calibrate_routers(records, inputs_embeds, token_mask, positions)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
 
         output = ChiarModelOutput(
@@ -424,6 +424,43 @@ class ChiarModel(ChiarPreTrainedModel):
             aux_loss=aux_loss,
         )
         return output if return_dict else output.to_tuple()
+
+    def _calibrating_routers(self):
+        routers = [layer.mixer.router for layer in self.layers]
+        return any(isinstance(r, ThresholdRouter) and r.calibrate for r in routers)
+
+    @torch.no_grad()
+    def _calibrate_routers(self, records, inputs_embeds, token_mask, positions):
+        """Update the threshold routers after the pass, so routing only ever uses batches already seen.
+
+        With dropout active, eval-mode thresholds come from a dropout-free, no-grad pass over a slice
+        of the batch (1/8 of its sequences, at least one): what eval will see, at a small cost.
+        """
+        eval_records, eval_mask = records, token_mask
+        if any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout)) or self.config.attention_dropout > 0:
+            rows = max(1, inputs_embeds.shape[0] // 8)
+            eval_mask = None if token_mask is None else token_mask[:rows]
+            ctx = MixContext(
+                rope=self.rotary_emb(positions[:rows], inputs_embeds.dtype),
+                positions=positions[:rows],
+                token_mask=eval_mask,
+                dct=self.dct_basis,
+                output_routing=False,
+                output_attentions=False,
+            )
+            modes = {module: module.training for module in self.modules()}
+            self.train(False)
+            try:
+                hidden_states, eval_records = inputs_embeds[:rows].detach(), []
+                for layer in self.layers:
+                    hidden_states, _, _, record = layer(hidden_states, ctx)
+                    eval_records.append(record)
+            finally:
+                for module, mode in modes.items():
+                    module.training = mode
+        for layer, record, eval_record in zip(self.layers, records, eval_records):
+            if isinstance(layer.mixer.router, ThresholdRouter):
+                layer.mixer.router.update(record.entropy, token_mask, eval_record.entropy, eval_mask)
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids):
         """Validate the inputs with clear errors; return embeddings, real-token mask and positions."""

@@ -34,41 +34,48 @@ def initial_thresholds(config):
 
 
 class ThresholdRouter(nn.Module):
-    """Entropy bands: operator k for thresholds[k-1] < H <= thresholds[k] (the paper's router).
+    """Entropy bands: 2 operators: H > tau -> the second; 3: H < lo, lo <= H <= hi, H > hi (the paper's).
 
-    Unless fixed by `router_thresholds`, the thresholds are running quantiles of H over real tokens,
-    updated by `update` from batches already seen in training (like batch-norm running statistics)
-    and frozen in eval. They are buffers, so checkpoints carry them.
+    Unless fixed by `router_thresholds`, thresholds are running quantiles of H over real tokens from
+    batches already seen in training (like batch-norm statistics), frozen in eval, kept as buffers.
+    Dropout shifts the entropy of training-mode hidden states, so there are two sets: `thresholds`,
+    calibrated on dropout-free inputs and used in eval, and `train_thresholds`, calibrated on what
+    training sees and used there. Both modes then route their target shares.
     """
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.config = config
         self.calibrate = config.router_thresholds is None
         self.momentum = config.router_calibration_momentum
         self.quantile_levels = cumulative_targets(config)
-        self.thresholds = nn.Buffer(initial_thresholds(config))
+        start = initial_thresholds(config)
+        self.thresholds = nn.Buffer(start)
+        self.train_thresholds = nn.Buffer(start.clone())
         self.num_updates = nn.Buffer(torch.zeros((), dtype=torch.long))
 
     def forward(self, x, entropy, positions, token_mask):
-        thresholds = self.thresholds.to(entropy.device)
-        if thresholds.numel() == 1:  # H > tau -> attention, else DCT
+        thresholds = (self.train_thresholds if self.training else self.thresholds).to(entropy.device)
+        if thresholds.numel() == 1:
             ids = (entropy > thresholds[0]).long()
-        else:  # H < lo -> DCT, lo <= H <= hi -> RBF, H > hi -> attention
+        else:
             ids = (entropy >= thresholds[0]).long() + (entropy > thresholds[1]).long()
         return RoutingDecision(operator_ids=ids)
 
     @torch.no_grad()
-    def update(self, entropy, token_mask):
-        """Move the thresholds towards this batch's quantiles (cumulative mean, then an EMA)."""
-        if not (self.calibrate and self.training):
+    def update(self, train_entropy, train_mask, eval_entropy, eval_mask):
+        """Move both threshold sets towards this batch's quantiles (a cumulative mean, then an EMA)."""
+        if not self.calibrate:
             return
-        values = entropy.flatten() if token_mask is None else entropy[token_mask]
-        if values.numel() == 0:
-            return
-        batch_quantiles = torch.quantile(values.float(), torch.tensor(self.quantile_levels, device=values.device))
         rate = max(1.0 / (int(self.num_updates) + 1), self.momentum)
-        self.thresholds.lerp_(batch_quantiles.to(self.thresholds.device), rate)
+        for buffer, entropy, mask in (
+            (self.train_thresholds, train_entropy, train_mask),
+            (self.thresholds, eval_entropy, eval_mask),
+        ):
+            values = entropy.flatten() if mask is None else entropy[mask]
+            if values.numel() == 0:
+                return
+            levels = torch.tensor(self.quantile_levels, device=values.device)
+            buffer.lerp_(torch.quantile(values.float(), levels).to(buffer.device), rate)
         self.num_updates += 1
 
 

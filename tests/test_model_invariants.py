@@ -1,0 +1,93 @@
+"""Properties every variant of the shared harness must have: causality, batch and padding invariance,
+and real compute skipping. Dropout is off (with dropout they hold in distribution only: spec)."""
+
+import pytest
+import torch
+
+from harness import build, random_ids
+from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification
+
+ATOL = 2e-5
+
+
+def logits(model, ids, mask=None):
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_causality(variant, mode):
+    """Changing tokens after t never changes logits at positions <= t."""
+    model = build(ChiarForCausalLM, variant).train(mode == "train")
+    ids = random_ids(1, 24, seed=1)
+    for t in (0, 9, 22):
+        changed = ids.clone()
+        changed[0, t + 1 :] = random_ids(1, 23 - t, seed=100 + t)
+        # One forward over both rows: calibration updates (train mode) cannot differ between them.
+        out = logits(model, torch.cat([ids, changed]))
+        torch.testing.assert_close(out[0, : t + 1], out[1, : t + 1], atol=ATOL, rtol=0)
+
+
+def test_batch_invariance(variant):
+    model = build(ChiarForCausalLM, variant).eval()
+    ids = random_ids(5, 20, seed=2)
+    together = logits(model, ids)
+    for row in range(5):
+        torch.testing.assert_close(together[row : row + 1], logits(model, ids[row : row + 1]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_invariance_causal_lm(variant, side):
+    model = build(ChiarForCausalLM, variant).eval()
+    short, long = random_ids(1, 11, seed=3), random_ids(1, 16, seed=4)
+    alone = logits(model, short)
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    padded = torch.cat([short, pad], 1) if side == "right" else torch.cat([pad, short], 1)
+    mask = (padded != 0).long()
+    batch = logits(model, torch.cat([padded, long]), torch.cat([mask, torch.ones_like(long)]))
+    real = batch[0, :11] if side == "right" else batch[0, 5:]
+    torch.testing.assert_close(real, alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(batch[1:], logits(model, long), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_padding_invariance_classifier(variant, side, causal):
+    model = build(ChiarForSequenceClassification, variant, is_causal=causal, num_labels=3).eval()
+    short, long = random_ids(1, 9, seed=5), random_ids(1, 14, seed=6)
+    alone = logits(model, short)
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    padded = torch.cat([short, pad], 1) if side == "right" else torch.cat([pad, short], 1)
+    batch = logits(model, torch.cat([padded, long]), torch.cat([(padded != 0).long(), torch.ones_like(long)]))
+    torch.testing.assert_close(batch[0], alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(batch[1:], logits(model, long), atol=ATOL, rtol=0)
+
+
+def test_tokens_only_run_the_operator_they_were_routed_to(variant):
+    """Hooks count the rows each operator's query side receives: exactly its routed tokens."""
+    model = build(ChiarForCausalLM, variant).eval()
+    seen = {}
+
+    def counter(name):
+        def hook(module, args, output):
+            seen[name] = seen.get(name, 0) + args[0].shape[:-1].numel()
+
+        return hook
+
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        mixer = layer.mixer
+        if mixer.attention is not None:
+            handles.append(mixer.attention.q_proj.register_forward_hook(counter((i, "attention"))))
+        if mixer.rbf is not None:
+            handles.append(mixer.rbf.q_proj.register_forward_hook(counter((i, "rbf"))))
+        if mixer.dct is not None:
+            handles.append(mixer.dct.register_forward_hook(counter((i, "dct"))))
+    out = model(random_ids(1, 40, seed=7), output_routing=True)
+    for handle in handles:
+        handle.remove()
+    soft = model.config.router_type == "soft"
+    for i, record in enumerate(out.routing):
+        for k, name in enumerate(record.operators):
+            routed = int((record.operator_ids == k).sum())
+            expected = 40 if (soft and len(record.operators) > 1) or len(record.operators) == 1 else routed
+            assert seen.get((i, name), 0) == expected, (i, name, seen, routed)

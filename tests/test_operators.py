@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from modeling_chiar.operator_attention import RotaryEmbedding, RoutedAttention
+from modeling_chiar.operator_dct import DCTMixing
+from modeling_chiar.operator_rbf import RBFMixing
+from modeling_chiar.spectral import dct_matrix
+
+from harness import tiny_config
+
+
+def test_dct_mixing_is_identity_at_init_and_scales_frequencies():
+    d = 16
+    c = dct_matrix(d)
+    op = DCTMixing(d)
+    x = torch.randn(5, d)
+    torch.testing.assert_close(op(x @ c.T, c), x, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        op.gain.zero_()
+        op.gain[0] = 1.0  # keep only the DC component: every output entry becomes the mean of x
+    torch.testing.assert_close(op(x @ c.T, c), x.mean(-1, keepdim=True).expand_as(x), atol=1e-6, rtol=0)
+
+
+def test_rbf_features_estimate_the_gaussian_kernel():
+    config = tiny_config(rbf_num_features=20000, num_attention_heads=1, hidden_size=8, rbf_gamma=0.5)
+    op = RBFMixing(config, layer_idx=0)
+    q, k = torch.randn(6, 8), torch.randn(6, 8)
+    estimate = (op.feature_map(q) * op.feature_map(k)).sum(-1).squeeze(-1)
+    qn, kn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    exact = torch.exp(-0.5 * (qn - kn).square().sum(-1))
+    torch.testing.assert_close(estimate, exact, atol=0.05, rtol=0.05)
+    assert (op.feature_map(q) > 0).all()  # positive features: the normaliser cannot change sign
+
+
+def reference_rbf(op, x, key_mask=None, causal=True):
+    """Quadratic-time reference: out_t = sum_s k(q_t, k_s) v_s / sum_s k(q_t, k_s) over visible real keys."""
+    b, t, d = x.shape
+    qf = op.feature_map(op.q_proj(x))  # (B, T, h, R)
+    kf = op.feature_map(op.k_proj(x))
+    v = op.v_proj(x).float().view(b, t, op.num_heads, op.head_dim)
+    scores = torch.einsum("bqhr,bkhr->bhqk", qf, kf)
+    visible = torch.ones(t, t, dtype=torch.bool).tril() if causal else torch.ones(t, t, dtype=torch.bool)
+    visible = visible[None, None].expand(b, 1, t, t)
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :]
+    scores = scores * visible
+    out = torch.einsum("bhqk,bkhe->bqhe", scores, v) / scores.sum(-1).transpose(1, 2)[..., None].clamp_min(1e-6)
+    return op.o_proj(out.reshape(b, t, d))
+
+
+@pytest.mark.parametrize("length", [5, 33, 300])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rbf_prefix_sums_match_the_quadratic_reference(length, causal):
+    torch.manual_seed(0)
+    op = RBFMixing(tiny_config(is_causal=causal), layer_idx=1)
+    x = torch.randn(2, length, 32)
+    out, flops = op(x)
+    torch.testing.assert_close(out, reference_rbf(op, x, causal=causal), atol=1e-4, rtol=1e-4)
+    # Only some tokens read from the state: their outputs are the same rows.
+    index = torch.stack([torch.randperm(length)[: max(1, length // 3)].sort().values for _ in range(2)])
+    subset, subset_flops = op(x, query_index=index)
+    torch.testing.assert_close(subset, out.gather(1, index[..., None].expand(-1, -1, 32)), atol=1e-5, rtol=1e-5)
+    assert subset_flops < flops
+
+
+def test_rbf_excludes_padding_keys():
+    torch.manual_seed(0)
+    op = RBFMixing(tiny_config(), layer_idx=0)
+    x = torch.randn(1, 12, 32)
+    key_mask = torch.ones(1, 12, dtype=torch.bool)
+    key_mask[0, :4] = False  # left padding
+    out, _ = op(x, key_mask=key_mask)
+    torch.testing.assert_close(out[:, 4:], reference_rbf(op, x, key_mask)[:, 4:], atol=1e-5, rtol=1e-5)
+    alone, _ = op(x[:, 4:])
+    torch.testing.assert_close(out[:, 4:], alone, atol=1e-5, rtol=1e-5)
+
+
+def dense_reference_attention(op, x, rope, causal):
+    b, t, d = x.shape
+    cos, sin = rope
+    from modeling_chiar.operator_attention import apply_rotary
+
+    q = apply_rotary(op._heads(op.q_proj(x)), cos, sin)
+    k = apply_rotary(op._heads(op.k_proj(x)), cos, sin)
+    v = op._heads(op.v_proj(x))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(op.head_dim)
+    if causal:
+        scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+    return op.o_proj(out)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length", [7, 200])
+def test_attention_on_selected_queries_equals_dense_attention(implementation, causal, length):
+    torch.manual_seed(0)
+    config = tiny_config(is_causal=causal)
+    config._attn_implementation = implementation
+    op = RoutedAttention(config, layer_idx=0).eval()
+    x = torch.randn(2, length, 32)
+    rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(length).expand(2, length), x.dtype)
+    dense = dense_reference_attention(op, x, rope, causal)
+    everything, _, _ = op(x, rope)
+    torch.testing.assert_close(everything, dense, atol=1e-5, rtol=1e-5)
+    index = torch.stack([torch.randperm(length)[: max(1, length // 4)].sort().values for _ in range(2)])
+    selected, _, _ = op(x, rope, query_index=index)
+    torch.testing.assert_close(selected, dense.gather(1, index[..., None].expand(-1, -1, 32)), atol=1e-5, rtol=1e-5)
