@@ -458,9 +458,12 @@ class ChiarModel(ChiarPreTrainedModel):
             finally:
                 for module, mode in modes.items():
                     module.training = mode
+        eval_positions = positions[: eval_records[0].operator_ids.shape[0]]
         for layer, record, eval_record in zip(self.layers, records, eval_records):
-            if isinstance(layer.mixer.router, ThresholdRouter):
-                layer.mixer.router.update(record.entropy, token_mask, eval_record.entropy, eval_mask)
+            router = layer.mixer.router
+            if isinstance(router, ThresholdRouter):
+                train_score = router.score(record.entropy, positions)
+                router.update(train_score, token_mask, router.score(eval_record.entropy, eval_positions), eval_mask)
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids):
         """Validate the inputs with clear errors; return embeddings, real-token mask and positions."""

@@ -41,10 +41,17 @@ class ThresholdRouter(nn.Module):
     Dropout shifts the entropy of training-mode hidden states, so there are two sets: `thresholds`,
     calibrated on dropout-free inputs and used in eval, and `train_thresholds`, calibrated on what
     training sees and used there. Both modes then route their target shares.
+
+    Before the first attention layer a token's hidden vector depends on its id alone, so every "the"
+    has the same entropy and a frequent token is a mass point that no threshold can split. Exact ties
+    are broken by a fixed hash of the token's position, at a scale far below real entropy differences.
     """
+
+    TIE_BREAK = 1e-5
 
     def __init__(self, config, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx
         self.calibrate = config.router_thresholds is None
         self.momentum = config.router_calibration_momentum
         self.quantile_levels = cumulative_targets(config)
@@ -53,23 +60,30 @@ class ThresholdRouter(nn.Module):
         self.train_thresholds = nn.Buffer(start.clone())
         self.num_updates = nn.Buffer(torch.zeros((), dtype=torch.long))
 
+    def score(self, entropy, positions):
+        """The entropy, with exact ties broken by position (see the class docstring)."""
+        if positions is None:
+            return entropy
+        return entropy + self.TIE_BREAK * position_hash(positions, self.layer_idx).to(entropy.device)
+
     def forward(self, x, entropy, positions, token_mask):
         thresholds = (self.train_thresholds if self.training else self.thresholds).to(entropy.device)
+        score = self.score(entropy, positions)
         if thresholds.numel() == 1:
-            ids = (entropy > thresholds[0]).long()
+            ids = (score > thresholds[0]).long()
         else:
-            ids = (entropy >= thresholds[0]).long() + (entropy > thresholds[1]).long()
+            ids = (score >= thresholds[0]).long() + (score > thresholds[1]).long()
         return RoutingDecision(operator_ids=ids)
 
     @torch.no_grad()
-    def update(self, train_entropy, train_mask, eval_entropy, eval_mask):
-        """Move both threshold sets towards this batch's quantiles (a cumulative mean, then an EMA)."""
+    def update(self, train_score, train_mask, eval_score, eval_mask):
+        """Move both threshold sets towards this batch's quantiles of `score` (a cumulative mean, then an EMA)."""
         if not self.calibrate:
             return
         rate = max(1.0 / (int(self.num_updates) + 1), self.momentum)
         for buffer, entropy, mask in (
-            (self.train_thresholds, train_entropy, train_mask),
-            (self.thresholds, eval_entropy, eval_mask),
+            (self.train_thresholds, train_score, train_mask),
+            (self.thresholds, eval_score, eval_mask),
         ):
             values = entropy.flatten() if mask is None else entropy[mask]
             if values.numel() == 0:

@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+from harness import build, data_dir_or_skip, random_ids, tiny_config
+from modeling_chiar import ChiarConfig, ChiarForCausalLM
+from modeling_chiar.routing import GateRouter, RandomRouter, ThresholdRouter, position_hash
+
+
+def test_threshold_bands_two_and_three_operators():
+    two = ThresholdRouter(tiny_config(router_thresholds=[0.5]), 0)
+    entropy = torch.tensor([[0.1, 0.5, 0.50001, 0.9]])
+    assert two(None, entropy, None, None).operator_ids.tolist() == [[0, 0, 1, 1]]  # H > tau -> attention
+    three = ThresholdRouter(tiny_config(routed_operators=["dct", "rbf", "attention"], router_thresholds=[0.4, 0.6]), 0)
+    entropy = torch.tensor([[0.39, 0.4, 0.5, 0.6, 0.61]])
+    # H < lo -> DCT, lo <= H <= hi -> RBF, H > hi -> attention
+    assert three(None, entropy, None, None).operator_ids.tolist() == [[0, 1, 1, 1, 2]]
+
+
+def test_fixed_thresholds_are_never_updated():
+    model = build(ChiarForCausalLM, "fixed-thresholds").train()
+    model(random_ids(2, 30))
+    for layer in model.model.layers:
+        if isinstance(layer.mixer.router, ThresholdRouter):
+            assert layer.mixer.router.thresholds.tolist() == pytest.approx([0.80, 0.84])
+
+
+def calibrated_eval_shares(model, train_batches, held_out):
+    model.train()
+    with torch.no_grad():
+        for batch in train_batches:
+            model(batch)
+    model.eval()
+    with torch.no_grad():
+        out = model(held_out, output_routing=True)
+    return [record.shares() for record in out.routing if len(record.operators) > 1]
+
+
+def uniform_batches(num_batches, batch, length, vocab, seed):
+    """Uniform tokens: no token type is frequent enough to be a mass point of the entropy distribution.
+
+    (Before the first attention layer a token's hidden state, hence its entropy, depends on its id
+    only, so a frequent token puts all its occurrences on one side of a threshold; real text, below,
+    shows how much that moves the share.)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, length), generator=generator) for _ in range(num_batches)]
+
+
+@pytest.mark.parametrize("ops", [["dct", "attention"], ["dct", "rbf", "attention"]])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_calibration_reaches_the_target_share_on_held_out_data(ops, dropout):
+    torch.manual_seed(0)
+    config = ChiarConfig(vocab_size=500, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                         routed_operators=ops, hidden_dropout=dropout)
+    model = ChiarForCausalLM(config)
+    train = uniform_batches(40, 8, 64, 500, seed=1)
+    held_out = uniform_batches(1, 16, 64, 500, seed=2)[0]
+    for shares in calibrated_eval_shares(model, train, held_out):
+        for op, target in config.router_target_fractions.items():
+            assert abs(shares[op] - target) <= 0.05, (shares, config.router_target_fractions)
+
+
+def test_calibration_on_wikitext():
+    """Real text: a byte-level BPE trained on WikiText-2 train, train-mode calibration, eval share on valid.
+
+    Before the first attention layer routing is a function of the token id, so the held-out share is
+    a sum of token frequencies: it lands on target only when train and held-out text share them.
+    """
+    folder = data_dir_or_skip("wikitext-2")
+    tokenizers = pytest.importorskip("tokenizers")
+    text = (folder / "wiki.train.tokens").read_text(encoding="utf-8")[:2_000_000]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=4096, show_progress=False, initial_alphabet=alphabet)
+    tokenizer.train_from_iterator(text.splitlines(), trainer)
+    train_ids = torch.tensor(tokenizer.encode(text[:400_000]).ids[: 320 * 128]).view(320, 128)
+    valid_text = (folder / "wiki.valid.tokens").read_text(encoding="utf-8")[:100_000]
+    valid_ids = torch.tensor(tokenizer.encode(valid_text).ids[: 16 * 128]).view(16, 128)
+    for seed, dropout in ((0, 0.0), (1, 0.1)):
+        torch.manual_seed(seed)
+        config = ChiarConfig(vocab_size=4096, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                             hidden_dropout=dropout)
+        model = ChiarForCausalLM(config)
+        for shares in calibrated_eval_shares(model, list(train_ids.split(8)), valid_ids):
+            assert abs(shares["attention"] - 0.25) <= 0.05, shares
+
+
+def test_random_router_hits_its_share_and_ignores_content():
+    config = tiny_config(router_type="random")
+    router = RandomRouter(config, layer_idx=1)
+    positions = torch.arange(20000)[None]
+    ids = router(None, None, positions, None).operator_ids
+    assert abs(ids.float().mean().item() - 0.25) < 0.01
+    again = router(torch.randn(1, 20000, 32), None, positions, None).operator_ids
+    assert torch.equal(ids, again)
+    other_layer = RandomRouter(config, layer_idx=2)(None, None, positions, None).operator_ids
+    assert not torch.equal(ids, other_layer)  # layers draw different tokens
+    u = position_hash(torch.arange(100000), 0)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+
+
+def test_learned_router_gets_gradient_from_the_loss_and_the_aux_loss():
+    model = build(ChiarForCausalLM, "learned-dct+rbf+attention").train()
+    ids = random_ids(2, 24)
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss.requires_grad
+    out.loss.backward()
+    routers = [layer.mixer.router for layer in model.model.layers if isinstance(layer.mixer.router, GateRouter)]
+    assert routers
+    for router in routers:
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+        assert router.entropy_weight.grad.abs().sum() > 0
+    model.zero_grad()
+    out = model(ids)
+    out.aux_loss.backward()  # the balancing loss alone has a real gradient (the paper's is detached)
+    assert all(router.bias.grad.abs().sum() > 0 for router in routers)
+
+
+def test_learned_router_forward_value_is_the_hard_choice():
+    """Scaling by p / p.detach() must leave the forward output exactly that of the chosen operator."""
+    model = build(ChiarForCausalLM, "learned-dct+attention").eval()
+    ids = random_ids(1, 20)
+    out = model(ids, output_routing=True)
+    # Same routing, forced through the fixed thresholds path: rebuild outputs by running each layer's
+    # operators by hand is heavy; instead check the gate scale is exactly 1 in value.
+    router = model.model.layers[1].mixer.router
+    x = torch.randn(1, 20, 32)
+    decision = router(x, torch.rand(1, 20), None, None)
+    assert torch.equal(decision.weights.sum(-1), torch.ones(1, 20))
+    assert out.aux_loss is not None
+
+
+def test_soft_router_blends_every_operator():
+    router = GateRouter(tiny_config(routed_operators=["dct", "rbf", "attention"], router_type="soft"), 0, hard=False)
+    entropy = router.center + router.scale * torch.randn(2, 5)  # typical entropies
+    decision = router(torch.randn(2, 5, 32) * 0.1, entropy, None, None)
+    torch.testing.assert_close(decision.weights.sum(-1), torch.ones(2, 5))
+    assert (decision.weights > 0).all() and decision.aux_loss is None
+
+
+def test_fresh_gate_routes_like_the_threshold_router():
+    """The learned gate starts from the Gaussian-quantile thresholds, so it starts near the target share."""
+    config = ChiarConfig(hidden_size=256, router_type="learned")
+    gate = GateRouter(config, 1, hard=True)
+    x = torch.randn(4000, 256)
+    x = x - x.mean(-1, keepdim=True)
+    from modeling_chiar.spectral import spectral_entropy
+
+    with torch.no_grad():
+        gate.weight.zero_()
+        ids = gate(x, spectral_entropy(x), None, None).operator_ids
+    assert abs(ids.float().mean().item() - 0.25) < 0.05
