@@ -19,6 +19,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .configuration_chiar import ChiarConfig
 from .flops import linear_flops
+from .fp32_buffers import KeepsFP32Buffers
 from .operator_attention import RotaryEmbedding, RoutedAttention
 from .operator_dct import DCTMixing
 from .operator_rbf import RBFMixing, rbf_features
@@ -86,6 +87,9 @@ class MixContext:
     dct: torch.Tensor  # (d, d) orthonormal DCT-II
     output_routing: bool
     output_attentions: bool
+    # Threshold-router thresholds as they were when the pass started: the update that follows the pass
+    # must not reach a gradient-checkpointing recomputation of it.
+    thresholds: dict | None = None
 
 
 def gather_selected(selected):
@@ -108,6 +112,7 @@ class TokenMixer(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx
         self.operators = config.layer_operators(layer_idx)
         self.dct = DCTMixing(config.hidden_size) if "dct" in self.operators else None
         self.rbf = RBFMixing(config, layer_idx) if "rbf" in self.operators else None
@@ -131,7 +136,10 @@ class TokenMixer(nn.Module):
         if self.router is None:
             ids = torch.zeros(batch, length, dtype=torch.long, device=x.device)
         else:
-            decision = self.router(x, entropy, ctx.positions, ctx.token_mask)
+            if isinstance(self.router, ThresholdRouter) and ctx.thresholds:
+                decision = self.router(x, entropy, ctx.positions, ctx.token_mask, ctx.thresholds[self.layer_idx])
+            else:
+                decision = self.router(x, entropy, ctx.positions, ctx.token_mask)
             ids = decision.operator_ids
             if ctx.token_mask is not None:  # padding takes the cheapest operator
                 ids = ids.masked_fill(~ctx.token_mask, 0)
@@ -287,12 +295,13 @@ class ChiarPreTrainedModel(PreTrainedModel):
                 ) from error
             raise
         if strict_architecture:
-            prefix = model.base_model_prefix + "."
-            has_head = hasattr(model, model.base_model_prefix)
+            base = getattr(model, model.base_model_prefix, model)
+            prefix = "" if base is model else model.base_model_prefix + "."
+            roots = {prefix + name.split(".")[0] for name in base.state_dict()}
             body = sorted(
                 key
                 for key in set(info["missing_keys"]) | set(info["unexpected_keys"])
-                if not has_head or key.startswith(prefix)
+                if any(key == root or key.startswith(root + ".") for root in roots)
             )
             if body:
                 raise ValueError(
@@ -337,8 +346,10 @@ class ChiarPreTrainedModel(PreTrainedModel):
             init.copy_(module.dct_basis, dct_matrix(self.config.hidden_size, device=module.dct_basis.device))
 
 
-class ChiarModel(ChiarPreTrainedModel):
+class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
     """Embeddings, the scheduled layers, and a final norm (pre-norm only)."""
+
+    fp32_buffers = ("dct_basis",)
 
     def __init__(self, config):
         super().__init__(config)
@@ -392,6 +403,12 @@ class ChiarModel(ChiarPreTrainedModel):
             output_routing=bool(output_routing),
             output_attentions=bool(output_attentions),
         )
+        if self.training and self._calibrating_routers():
+            ctx.thresholds = {
+                i: layer.mixer.router.train_thresholds.clone()
+                for i, layer in enumerate(self.layers)
+                if isinstance(layer.mixer.router, ThresholdRouter)
+            }
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         records, aux_losses = [], []

@@ -13,10 +13,13 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .flops import attention_kernel_flops, linear_flops
+from .fp32_buffers import KeepsFP32Buffers
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(KeepsFP32Buffers):
     """RoPE tables (cos, sin) for given positions; one instance shared by all layers."""
+
+    fp32_buffers = ("inv_freq",)
 
     def __init__(self, head_dim, theta):
         super().__init__()
@@ -56,7 +59,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return output, weights
 
 
-def query_blocks(num_queries, min_block=64, max_blocks=16):
+def query_blocks(num_queries, min_block=32, max_blocks=16):
     """Split `num_queries` position-sorted queries into contiguous blocks: [(start, end), ...]."""
     size = max(min_block, math.ceil(num_queries / max_blocks))
     return [(start, min(start + size, num_queries)) for start in range(0, num_queries, size)]

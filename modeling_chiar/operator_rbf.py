@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .flops import linear_flops
+from .fp32_buffers import KeepsFP32Buffers
 
 CHUNK = 32  # prefix states are materialised once per chunk; queries add their chunk's earlier keys
 QUERY_BLOCK = 256  # gathered queries are processed in blocks to bound memory
@@ -27,7 +28,9 @@ def rbf_features(num_heads, head_dim, num_features, layer_idx, device=None):
     return torch.randn(num_heads, head_dim, num_features, generator=generator).to(device)
 
 
-class RBFMixing(nn.Module):
+class RBFMixing(KeepsFP32Buffers):
+    fp32_buffers = ("projection",)
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fp32_buffers import KeepsFP32Buffers
 from .spectral import gaussian_entropy_quantiles
 
 
@@ -33,7 +34,7 @@ def initial_thresholds(config):
     return gaussian_entropy_quantiles(config.hidden_size, cumulative_targets(config))
 
 
-class ThresholdRouter(nn.Module):
+class ThresholdRouter(KeepsFP32Buffers):
     """Entropy bands: 2 operators: H > tau -> the second; 3: H < lo, lo <= H <= hi, H > hi (the paper's).
 
     Unless fixed by `router_thresholds`, thresholds are running quantiles of H over real tokens from
@@ -48,6 +49,7 @@ class ThresholdRouter(nn.Module):
     """
 
     TIE_BREAK = 1e-5
+    fp32_buffers = ("thresholds", "train_thresholds")
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -66,8 +68,10 @@ class ThresholdRouter(nn.Module):
             return entropy
         return entropy + self.TIE_BREAK * position_hash(positions, self.layer_idx).to(entropy.device)
 
-    def forward(self, x, entropy, positions, token_mask):
-        thresholds = (self.train_thresholds if self.training else self.thresholds).to(entropy.device)
+    def forward(self, x, entropy, positions, token_mask, thresholds=None):
+        if thresholds is None:
+            thresholds = self.train_thresholds if self.training else self.thresholds
+        thresholds = thresholds.to(entropy.device)
         score = self.score(entropy, positions)
         if thresholds.numel() == 1:
             ids = (score > thresholds[0]).long()
@@ -93,7 +97,7 @@ class ThresholdRouter(nn.Module):
         self.num_updates += 1
 
 
-class GateRouter(nn.Module):
+class GateRouter(KeepsFP32Buffers):
     """A linear gate on [x, z(H)] where z standardises the entropy (learned and soft routers).
 
     The entropy column and the biases start where the threshold router starts (Gaussian quantiles),
@@ -102,6 +106,8 @@ class GateRouter(nn.Module):
     the gate gets gradient; an auxiliary loss keeps the shares at their targets. `hard=False` (soft):
     a dense softmax blend of every operator (no compute saved; an ablation).
     """
+
+    fp32_buffers = ("targets", "center", "scale")
 
     def __init__(self, config, layer_idx, hard):
         super().__init__()
@@ -158,11 +164,13 @@ class GateRouter(nn.Module):
         return (shares.detach() / self.targets * mean_probs).sum()
 
 
-class RandomRouter(nn.Module):
+class RandomRouter(KeepsFP32Buffers):
     """The control: a fixed hash of (layer, position) sends each target share to its operator.
 
     Positions count real tokens only, so padding never changes where a token goes.
     """
+
+    fp32_buffers = ("boundaries",)
 
     def __init__(self, config, layer_idx):
         super().__init__()
