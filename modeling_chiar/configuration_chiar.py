@@ -45,7 +45,9 @@ class ChiarConfig(PretrainedConfig):
         router_target_fractions (`dict[str, float]`): operator name -> share of tokens; sums to 1.
         router_thresholds (`list[float]` or `None`): fixed entropy thresholds (one fewer than the routed
             operators, ascending, in [0, 1]) for the threshold router; `None` calibrates them.
-        router_aux_loss_coef (`float`): weight of the learned router's share-keeping auxiliary loss.
+        router_aux_loss_coef (`float`): weight of the learned router's share-keeping auxiliary loss. The
+            default (5.0) holds the eval shares within 0.05 of their targets in training runs on
+            WikiText-2 (tests/test_routing.py); 0.1 and 1.0 let the attention share drift to 0.3-0.35.
         router_calibration_momentum (`float`): floor of the running-quantile update rate.
         rbf_num_features (`int`), rbf_gamma (`float`): random features and bandwidth of RBF mixing.
         use_meta_router (`bool`): v2's gate blending the first layer's output with its input.
@@ -82,7 +84,7 @@ class ChiarConfig(PretrainedConfig):
         router_type="threshold",
         router_target_fractions=None,
         router_thresholds=None,
-        router_aux_loss_coef=0.1,
+        router_aux_loss_coef=5.0,
         router_calibration_momentum=0.01,
         rbf_num_features=64,
         rbf_gamma=1.0,

@@ -151,17 +151,17 @@ class GateRouter(KeepsFP32Buffers):
         return RoutingDecision(operator_ids=ids, weights=weights, aux_loss=self.aux_loss(probs, ids, token_mask))
 
     def aux_loss(self, probs, ids, token_mask):
-        """sum_k (f_k / t_k) P_k: f the hard shares (no gradient), P the mean gate probabilities.
+        """sum_k ((f_k - t_k) / t_k)^2 over the hard shares f, straight-through to the mean probabilities.
 
-        Its gradient lowers the probability of over-used operators and vanishes when f = t; it equals
-        1 at the targets (Switch Transformer's balancing loss, generalised to unequal targets).
+        Zero at the targets; its gradient grows with the deviation and reaches the tokens near a
+        decision boundary (where p(1 - p) is large), which are the ones that can change side.
         """
         mask = torch.ones_like(ids, dtype=torch.bool) if token_mask is None else token_mask
         count = mask.sum().clamp_min(1)
-        one_hot = nn.functional.one_hot(ids, probs.shape[-1]).float() * mask[..., None]
-        shares = one_hot.sum(dim=(0, 1)) / count
+        hard = (nn.functional.one_hot(ids, probs.shape[-1]).float() * mask[..., None]).sum(dim=(0, 1)) / count
         mean_probs = (probs * mask[..., None]).sum(dim=(0, 1)) / count
-        return (shares.detach() / self.targets * mean_probs).sum()
+        shares = hard + mean_probs - mean_probs.detach()  # value: hard shares; gradient: through the gate
+        return ((shares - self.targets) / self.targets).square().sum()
 
 
 class RandomRouter(KeepsFP32Buffers):

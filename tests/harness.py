@@ -67,3 +67,22 @@ def data_dir_or_skip(name):
     if not path.exists():
         pytest.skip(f"real-data test: {path} not found (set CHIAR_DATA_DIR to the shared/data folder)")
     return path
+
+
+def wikitext_bpe(vocab_size=4096, train_chars=2_000_000):
+    """A byte-level BPE trained on the start of WikiText-2 train (seconds), or skip without the data."""
+    folder = data_dir_or_skip("wikitext-2")
+    tokenizers = pytest.importorskip("tokenizers")
+    text = (folder / "wiki.train.tokens").read_text(encoding="utf-8")[:train_chars]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, initial_alphabet=alphabet)
+    tokenizer.train_from_iterator(text.splitlines(), trainer)
+    return tokenizer, folder
+
+
+def wikitext_blocks(tokenizer, folder, split, length, max_chars):
+    text = (folder / f"wiki.{split}.tokens").read_text(encoding="utf-8")[:max_chars]
+    ids = torch.tensor(tokenizer.encode(text).ids)
+    return ids[: len(ids) // length * length].view(-1, length)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from harness import build, data_dir_or_skip, random_ids, tiny_config
+from harness import build, random_ids, tiny_config, wikitext_blocks, wikitext_bpe
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 from modeling_chiar.routing import GateRouter, RandomRouter, ThresholdRouter, position_hash
 
@@ -66,17 +66,9 @@ def test_calibration_on_wikitext():
     Before the first attention layer routing is a function of the token id, so the held-out share is
     a sum of token frequencies: it lands on target only when train and held-out text share them.
     """
-    folder = data_dir_or_skip("wikitext-2")
-    tokenizers = pytest.importorskip("tokenizers")
-    text = (folder / "wiki.train.tokens").read_text(encoding="utf-8")[:2_000_000]
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=4096, show_progress=False, initial_alphabet=alphabet)
-    tokenizer.train_from_iterator(text.splitlines(), trainer)
-    train_ids = torch.tensor(tokenizer.encode(text[:400_000]).ids[: 320 * 128]).view(320, 128)
-    valid_text = (folder / "wiki.valid.tokens").read_text(encoding="utf-8")[:100_000]
-    valid_ids = torch.tensor(tokenizer.encode(valid_text).ids[: 16 * 128]).view(16, 128)
+    tokenizer, folder = wikitext_bpe()
+    train_ids = wikitext_blocks(tokenizer, folder, "train", 128, 400_000)[:320]
+    valid_ids = wikitext_blocks(tokenizer, folder, "valid", 128, 100_000)[:16]
     for seed, dropout in ((0, 0.0), (1, 0.1)):
         torch.manual_seed(seed)
         config = ChiarConfig(vocab_size=4096, hidden_size=64, num_attention_heads=4, intermediate_size=128,
@@ -84,6 +76,31 @@ def test_calibration_on_wikitext():
         model = ChiarForCausalLM(config)
         for shares in calibrated_eval_shares(model, list(train_ids.split(8)), valid_ids):
             assert abs(shares["attention"] - 0.25) <= 0.05, shares
+
+
+def test_learned_router_default_aux_loss_holds_the_share_through_training():
+    """Train a small LM with the learned router at the default coefficient: the eval shares stay on target."""
+    tokenizer, folder = wikitext_bpe()
+    train_ids = wikitext_blocks(tokenizer, folder, "train", 64, 1_500_000)
+    valid_ids = wikitext_blocks(tokenizer, folder, "valid", 64, 100_000)[:48]
+    torch.manual_seed(0)
+    config = ChiarConfig(vocab_size=4096, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                         router_type="learned")
+    model = ChiarForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(300):
+        batch = train_ids[torch.randint(0, len(train_ids), (16,), generator=generator)]
+        model.train()
+        out = model(batch, labels=batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        out = model(valid_ids, labels=valid_ids, output_routing=True)
+    for record in out.routing[1:3]:
+        assert abs(record.shares()["attention"] - 0.25) <= 0.05, record.shares()
 
 
 def test_random_router_hits_its_share_and_ignores_content():
