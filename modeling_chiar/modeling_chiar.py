@@ -4,6 +4,8 @@ Assembly only: operators live in `operator_*.py`, routing in `routing.py`, FLOP 
 `flops.py`. Semantics: spec/CHIAR.md.
 """
 
+import dataclasses
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 
+from .cache import ChiarCache
 from .configuration_chiar import ChiarConfig
 from .flops import linear_flops
 from .fp32_buffers import KeepsFP32Buffers
@@ -48,45 +51,46 @@ class LayerRouting:
         return {op: int((ids == k).sum()) / total for k, op in enumerate(self.operators)}
 
 
-@dataclass
-class ChiarModelOutput(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-    routing: tuple | None = None
-    aux_loss: torch.FloatTensor | None = None
+# transformers 5.17 passes and reads the decoding cache as `past_key_values`; later 5.x versions call it
+# `cache` (and rename the field of any ModelOutput). Outputs and inputs use whichever this version uses.
+CACHE_NAME = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
 
 
-@dataclass
-class ChiarCausalLMOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-    routing: tuple | None = None
-    aux_loss: torch.FloatTensor | None = None
+def _output_class(name, fields, doc):
+    cls = dataclasses.make_dataclass(name, [(field, object, None) for field in fields], bases=(ModelOutput,))
+    cls.__doc__ = doc
+    return cls
 
 
-@dataclass
-class ChiarSequenceClassifierOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-    routing: tuple | None = None
-    aux_loss: torch.FloatTensor | None = None
+ChiarModelOutput = _output_class(
+    "ChiarModelOutput",
+    ["last_hidden_state", CACHE_NAME, "hidden_states", "attentions", "routing", "aux_loss"],
+    "Final hidden states, the decoding cache, and per-layer routing records (`output_routing=True`).",
+)
+ChiarCausalLMOutput = _output_class(
+    "ChiarCausalLMOutput",
+    ["loss", "logits", CACHE_NAME, "hidden_states", "attentions", "routing", "aux_loss"],
+    "Language-modelling loss (router auxiliary loss included) and logits, plus what ChiarModelOutput has.",
+)
+ChiarSequenceClassifierOutput = _output_class(
+    "ChiarSequenceClassifierOutput",
+    ["loss", "logits", "hidden_states", "attentions", "routing", "aux_loss"],
+    "Classification loss and logits, hidden states, attentions and routing records.",
+)
 
 
 @dataclass
 class MixContext:
     """Per-forward data every layer shares."""
 
-    rope: tuple  # (cos, sin), each (B, T, head_dim)
-    positions: torch.Tensor  # (B, T) positions counting real tokens only
-    token_mask: torch.Tensor | None  # (B, T) bool; None when nothing is padded
+    rope: tuple  # (cos, sin), each (B, n, head_dim), for the n tokens of this pass
+    positions: torch.Tensor  # (B, n) positions counting real tokens only
+    token_mask: torch.Tensor | None  # (B, n) bool, real tokens of this pass; None when none is padding
     dct: torch.Tensor  # (d, d) orthonormal DCT-II
     output_routing: bool
     output_attentions: bool
+    cache: ChiarCache | None = None
+    key_mask: torch.Tensor | None = None  # (B, past + n) bool over every key; None when nothing is padding
     # Threshold-router thresholds as they were when the pass started: the update that follows the pass
     # must not reach a gradient-checkpointing recomputation of it.
     thresholds: dict | None = None
@@ -151,7 +155,7 @@ class TokenMixer(nn.Module):
         for k, name in enumerate(self.operators):
             every_token = self.router is None or soft
             selected = None if every_token else ids == k
-            if selected is not None and not bool(selected.any()):
+            if selected is not None and not bool(selected.any()) and (name == "dct" or ctx.cache is None):
                 continue  # nobody routed here: the operator costs nothing, not even its keys
             if name == "dct":
                 op_out, op_flops = self._run_dct(coefficients, ctx.dct, selected, x.dtype)
@@ -199,9 +203,9 @@ class TokenMixer(nn.Module):
         if selected is not None:
             index, valid = gather_selected(selected)
         if name == "attention":
-            out, attn, flops = operator(x, ctx.rope, index, ctx.token_mask, ctx.output_attentions)
+            out, attn, flops = operator(x, ctx.rope, index, ctx.key_mask, ctx.output_attentions, ctx.cache)
         else:
-            (out, flops), attn = operator(x, index, ctx.token_mask), None
+            (out, flops), attn = operator(x, index, ctx.token_mask, ctx.cache), None
         if index is None:
             return out, flops, attn
         if attn is not None:  # rows of unselected tokens carry no attention
@@ -246,7 +250,7 @@ class ChiarDecoderLayer(GradientCheckpointingLayer):
             hidden_states = self.mixer_norm(hidden_states + self.dropout(mixed))
             hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
         if self.meta_router is not None:
-            hidden_states = self.meta_router(layer_input, hidden_states, ctx.token_mask)
+            hidden_states = self.meta_router(layer_input, hidden_states, ctx.token_mask, ctx.cache)
         if aux is None:
             aux = hidden_states.new_zeros(())
         return hidden_states, aux, attentions, record
@@ -381,8 +385,12 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         output_hidden_states=None,
         output_routing=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
+        """With a `ChiarCache` (passed as `cache` or `past_key_values`, or made by `use_cache=True`),
+        `input_ids` are the new tokens only and `attention_mask` covers past and new tokens. A cache is
+        built only when asked for: training and evaluation passes do not pay for one."""
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
@@ -392,7 +400,19 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 "output_attentions=True needs attn_implementation='eager' "
                 f"(this model uses {config._attn_implementation!r}, which does not return attention weights)."
             )
-        inputs_embeds, token_mask, positions = self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids)
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, ChiarCache):
+            if hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
+                cache = None  # an empty transformers cache made by a caller: use our own
+            else:
+                raise ValueError(f"CHIAR models decode with a ChiarCache, got {type(cache).__name__}.")
+        if cache is None and use_cache:
+            cache = ChiarCache(config.num_hidden_layers)
+        if cache is not None and not config.is_causal:
+            raise ValueError("Incremental decoding (a cache) needs a causal model (is_causal=True).")
+        inputs_embeds, token_mask, key_mask, positions = self._check_inputs(
+            input_ids, inputs_embeds, attention_mask, position_ids, cache
+        )
 
         hidden_states = self.dropout(inputs_embeds)
         ctx = MixContext(
@@ -402,8 +422,11 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             dct=self.dct_basis,
             output_routing=bool(output_routing),
             output_attentions=bool(output_attentions),
+            cache=cache,
+            key_mask=key_mask,
         )
-        if self.training and self._calibrating_routers():
+        calibrating = self.training and cache is None and self._calibrating_routers()
+        if calibrating:
             ctx.thresholds = {
                 i: layer.mixer.router.train_thresholds.clone()
                 for i, layer in enumerate(self.layers)
@@ -412,6 +435,7 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         records, aux_losses = [], []
+        batch, length = hidden_states.shape[:2]
         for layer in self.layers:
             hidden_states, aux, attentions, record = layer(hidden_states, ctx)
             records.append(record)
@@ -419,8 +443,9 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 aux_losses.append(aux)
             if output_attentions:
                 if attentions is None:  # no token of this layer ran attention
-                    batch, length = hidden_states.shape[:2]
-                    attentions = hidden_states.new_zeros(batch, config.num_attention_heads, length, length)
+                    total = length if key_mask is None else key_mask.shape[1]
+                    total = total if cache is None else cache.seen_tokens + length
+                    attentions = hidden_states.new_zeros(batch, config.num_attention_heads, length, total)
                 all_attentions += (attentions,)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
@@ -428,8 +453,10 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             hidden_states = self.norm(hidden_states)
             if output_hidden_states:
                 all_hidden = all_hidden[:-1] + (hidden_states,)
+        if cache is not None:
+            cache.advance(token_mask, length, batch, hidden_states.device)
 
-        if self.training and self._calibrating_routers():
+        if calibrating:
             self._calibrate_routers(records, inputs_embeds, token_mask, positions)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
 
@@ -439,6 +466,7 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             attentions=all_attentions,
             routing=tuple(records) if output_routing else None,
             aux_loss=aux_loss,
+            **{CACHE_NAME: cache},
         )
         return output if return_dict else output.to_tuple()
 
@@ -464,6 +492,7 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 dct=self.dct_basis,
                 output_routing=False,
                 output_attentions=False,
+                key_mask=eval_mask,
             )
             modes = {module: module.training for module in self.modules()}
             self.train(False)
@@ -482,8 +511,12 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 train_score = router.score(record.entropy, positions)
                 router.update(train_score, token_mask, router.score(eval_record.entropy, eval_positions), eval_mask)
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids):
-        """Validate the inputs with clear errors; return embeddings, real-token mask and positions."""
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache=None):
+        """Validate the inputs with clear errors.
+
+        Returns the embeddings (B, n, d), the real-token mask of the new tokens (B, n), the mask of every
+        key (B, past + n) (both None when nothing is padded) and the positions of the new tokens (B, n).
+        """
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -502,35 +535,48 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 f"inputs_embeds must have shape (batch, sequence, {config.hidden_size}), got {tuple(inputs_embeds.shape)}."
             )
         batch, length = inputs_embeds.shape[:2]
-        if length > config.max_position_embeddings:
+        device = inputs_embeds.device
+        past = cache.seen_tokens if cache is not None else 0
+        if past and cache.real_tokens is not None and cache.real_tokens.shape[0] != batch:
+            raise ValueError(f"The cache holds {cache.real_tokens.shape[0]} sequences but the input has {batch}.")
+        if past + length > config.max_position_embeddings:
             raise ValueError(
-                f"Sequence length {length} exceeds max_position_embeddings={config.max_position_embeddings}, "
+                f"Sequence length {past + length} exceeds max_position_embeddings={config.max_position_embeddings}, "
                 "the longest this model supports. Truncate the input or raise max_position_embeddings in the config."
             )
-        token_mask = None
+        key_mask = None
         if attention_mask is not None:
-            if tuple(attention_mask.shape) != (batch, length):
+            if tuple(attention_mask.shape) != (batch, past + length):
+                expected = f"{(batch, past + length)} (past {past} + new {length} tokens)" if past else str((batch, length))
                 raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)} but the input has shape {(batch, length)}: "
-                    "they must match (one 1/0 entry per token)."
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but must be {expected}: one 1/0 "
+                    "entry per token."
                 )
             if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
                 raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token).")
-            token_mask = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)
-            if bool(token_mask.all()):
-                token_mask = None
+            key_mask = attention_mask.to(device=device, dtype=torch.bool)
+        elif cache is not None and cache.token_mask is not None:
+            key_mask = torch.cat([cache.token_mask, torch.ones(batch, length, dtype=torch.bool, device=device)], 1)
+        if key_mask is not None and bool(key_mask.all()):
+            key_mask = None
+        token_mask = None if key_mask is None else key_mask[:, past:]
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None
+
         if position_ids is None:
+            # Positions count real tokens only, so left padding shifts nothing.
+            start = cache.real_tokens[:, None] if cache is not None and cache.real_tokens is not None else 0
             if token_mask is None:
-                position_ids = torch.arange(length, device=inputs_embeds.device).expand(batch, length)
-            else:  # positions count real tokens only, so left padding shifts nothing
-                position_ids = (token_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+                position_ids = torch.arange(length, device=device).expand(batch, length) + start
+            else:
+                position_ids = (token_mask.long().cumsum(dim=1) - 1).clamp_min(0) + start
         else:
-            position_ids = position_ids.to(inputs_embeds.device).expand(batch, length)
+            position_ids = position_ids.to(device).expand(batch, length)
             if int(position_ids.max()) >= config.max_position_embeddings or int(position_ids.min()) < 0:
                 raise ValueError(
                     f"position_ids must lie in [0, max_position_embeddings={config.max_position_embeddings})."
                 )
-        return inputs_embeds, token_mask, position_ids
+        return inputs_embeds, token_mask, key_mask, position_ids
 
 
 class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
@@ -564,6 +610,7 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
         output_routing=None,
         return_dict=None,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -571,7 +618,9 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_routing=output_routing,
@@ -600,8 +649,50 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             routing=outputs.routing,
             aux_loss=outputs.aux_loss,
+            **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
         )
         return output if return_dict else output.to_tuple()
+
+    # --- generation: our own cache, under whichever name this transformers version uses ---
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        return False  # generate() must not build a DynamicCache; prepare_inputs_for_generation makes a ChiarCache
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        next_sequence_length=None,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        is_first_iteration=False,
+        cache=None,
+        use_cache=True,
+        position_ids=None,
+        **kwargs,
+    ):
+        """Feed the tokens the cache has not seen (all of them without a cache), with the full mask."""
+        state = cache if cache is not None else past_key_values
+        if state is not None and not isinstance(state, ChiarCache):
+            state = None if state.get_seq_length() == 0 else state  # forward() rejects a non-empty foreign cache
+        if state is None and use_cache:
+            state = ChiarCache(self.config.num_hidden_layers)
+        seen = state.get_seq_length() if state is not None else 0
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_NAME: state}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+            inputs["input_ids"] = None
+            length = inputs_embeds.shape[1]
+        else:
+            inputs["input_ids"] = input_ids[:, seen:].clone(memory_format=torch.contiguous_format)
+            length = input_ids.shape[1] - seen
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[..., -length:]
+        for key, value in kwargs.items():
+            if key not in inputs and key not in ("labels", "cache_position"):
+                inputs[key] = value
+        return inputs
 
 
 class ChiarForSequenceClassification(ChiarPreTrainedModel):

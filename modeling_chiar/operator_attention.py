@@ -87,18 +87,23 @@ class RoutedAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, rope, query_index=None, key_mask=None, output_attentions=False):
-        """Attend the tokens `query_index` (B, M), sorted by position, or every token when None.
+    def forward(self, x, rope, query_index=None, key_mask=None, output_attentions=False, cache=None):
+        """Attend the tokens `query_index` (B, M) of x, sorted by position, or every token when None.
 
-        x: (B, T, d) operator input for all tokens; rope: (cos, sin), each (B, T, hd);
-        key_mask: (B, T) bool, True for real tokens, or None when nothing is padded.
-        Returns (output (B, M, d), attention weights (B, h, T, T) or None, executed FLOPs).
+        x: (B, n, d) operator input of the new tokens; rope: (cos, sin), each (B, n, hd);
+        key_mask: (B, past + n) bool, True for real tokens, or None when nothing is padded;
+        cache: a `ChiarCache` holding the keys and values of earlier tokens (updated in place).
+        Returns (output (B, M, d), attention weights (B, h, n, past + n) or None, executed FLOPs).
         """
         batch, length, d = x.shape
         cos, sin = rope
         keys = apply_rotary(self._heads(self.k_proj(x)), cos, sin)
         values = self._heads(self.v_proj(x))
         flops = 2 * linear_flops(batch * length, d, d)
+        if cache is not None:
+            keys, values = cache.update_attention(self.layer_idx, keys, values)
+        total = keys.shape[2]
+        offset = total - length
 
         implementation = self.config._attn_implementation or "eager"
         if implementation == "eager":
@@ -107,7 +112,8 @@ class RoutedAttention(nn.Module):
             attention_fn = ALL_ATTENTION_FUNCTIONS[implementation]
         dropout = self.config.attention_dropout if self.training else 0.0
 
-        if query_index is None and self.is_causal and key_mask is None and implementation == "sdpa":
+        fused = self.is_causal and key_mask is None and offset == 0 and implementation == "sdpa"
+        if query_index is None and fused:
             # Every token is a query and nothing is padded: the fused causal kernel is the cheapest path.
             queries = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
             output, _ = attention_fn(
@@ -119,18 +125,20 @@ class RoutedAttention(nn.Module):
         if query_index is None:
             query_index = torch.arange(length, device=x.device).expand(batch, length)
         num_queries = query_index.shape[1]
+        if num_queries == 0:  # only the cache needed this token's keys and values
+            return x.new_zeros(batch, 0, d), None, flops
         gather = query_index[..., None].expand(-1, -1, cos.shape[-1])
         q_cos, q_sin = cos.gather(1, gather), sin.gather(1, gather)
         q_in = x.gather(1, query_index[..., None].expand(-1, -1, d))
         queries = apply_rotary(self._heads(self.q_proj(q_in)), q_cos, q_sin)
         flops += 2 * linear_flops(batch * num_queries, d, d)
 
-        key_positions = torch.arange(length, device=x.device)
+        key_positions = torch.arange(total, device=x.device)
         outputs, weights = [], []
         for start, end in query_blocks(num_queries):
-            block_index = query_index[:, start:end]
+            block_index = query_index[:, start:end] + offset
             # Causal: no query of this block sees past its last query, so later keys are never computed.
-            num_keys = int(block_index.max()) + 1 if self.is_causal else length
+            num_keys = int(block_index.max()) + 1 if self.is_causal else total
             allowed = self._mask(block_index, key_positions[:num_keys], key_mask)
             output, block_weights = attention_fn(
                 self,
@@ -145,12 +153,12 @@ class RoutedAttention(nn.Module):
             flops += attention_kernel_flops(batch, end - start, num_keys, d, causal=False)
             outputs.append(output)
             if output_attentions and block_weights is not None:
-                weights.append(nn.functional.pad(block_weights, (0, length - num_keys)))
+                weights.append(nn.functional.pad(block_weights, (0, total - num_keys)))
         output = self.o_proj(torch.cat(outputs, dim=1).reshape(batch, num_queries, d))
         attentions = None
         if output_attentions and weights:
-            attentions = x.new_zeros(batch, self.num_heads, length, length)
-            rows = query_index[:, None, :, None].expand(-1, self.num_heads, -1, length)
+            attentions = x.new_zeros(batch, self.num_heads, length, total)
+            rows = query_index[:, None, :, None].expand(-1, self.num_heads, -1, total)
             attentions = attentions.scatter(2, rows, torch.cat(weights, dim=2))
         return output, attentions, flops
 
@@ -160,5 +168,5 @@ class RoutedAttention(nn.Module):
         queries = query_index[..., None]
         allowed = keys <= queries if self.is_causal else torch.ones_like(keys, dtype=torch.bool)
         if key_mask is not None:
-            allowed = allowed & key_mask[:, None, : key_positions.shape[0]]
+            allowed = allowed & key_mask[:, None, : key_positions.shape[0]].to(allowed.device)
         return allowed | (keys == queries)

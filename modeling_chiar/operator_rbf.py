@@ -53,11 +53,16 @@ class RBFMixing(KeepsFP32Buffers):
         proj = torch.einsum("...hd,hdr->...hr", u, self.projection.float())
         return torch.exp(math.sqrt(2 * self.gamma) * proj - 2 * self.gamma) / math.sqrt(self.num_features)
 
-    def forward(self, x, query_index=None, key_mask=None):
-        """Mix for the tokens `query_index` (B, M), or every token when None. Returns (output (B, M, d), FLOPs)."""
+    def forward(self, x, query_index=None, key_mask=None, cache=None):
+        """Mix for the tokens `query_index` (B, M) of x (B, n, d), or every token when None.
+
+        key_mask: (B, n) bool, False for padding (contributes no key); cache: a `ChiarCache` whose
+        prefix sums over earlier tokens are read and then extended with this step's keys.
+        Returns (output (B, M, d), executed FLOPs).
+        """
         batch, length, d = x.shape
         h, hd, r = self.num_heads, self.head_dim, self.num_features
-        key_features = self.feature_map(self.k_proj(x))  # (B, T, h, R)
+        key_features = self.feature_map(self.k_proj(x))  # (B, n, h, R)
         values = self.v_proj(x).float().view(batch, length, h, hd)
         if key_mask is not None:
             key_features = key_features * key_mask[:, :, None, None]
@@ -70,19 +75,28 @@ class RBFMixing(KeepsFP32Buffers):
         flops += linear_flops(batch * num_queries, d, d) + 2 * batch * num_queries * d * r
 
         if not self.is_causal:
+            if cache is not None:
+                raise ValueError("Bidirectional RBF mixing (is_causal=False) has no incremental decoding cache.")
             state = torch.einsum("bthr,bthe->bhre", key_features, values)
             normaliser = key_features.sum(dim=1)  # (B, h, R)
             numerator = torch.einsum("bmhr,bhre->bmhe", query_features, state)
             denominator = torch.einsum("bmhr,bhr->bmh", query_features, normaliser)
             flops += 2 * batch * length * h * r * hd + 4 * batch * num_queries * h * r * hd
         else:
-            numerator, denominator, causal_flops = self._causal(key_features, values, query_features, query_index)
+            initial = None
+            if cache is not None and cache.rbf_state[self.layer_idx] is not None:
+                initial = (cache.rbf_state[self.layer_idx], cache.rbf_norm[self.layer_idx])
+            numerator, denominator, final, causal_flops = self._causal(key_features, values, query_features, query_index, initial)
+            if cache is not None:
+                cache.rbf_state[self.layer_idx], cache.rbf_norm[self.layer_idx] = final
             flops += causal_flops
         mixed = numerator / denominator.clamp_min(1e-6)[..., None]
         output = self.o_proj(mixed.reshape(batch, num_queries, d).to(x.dtype))
         return output, flops + linear_flops(batch * num_queries, d, d)
 
-    def _causal(self, key_features, values, query_features, query_index):
+    def _causal(self, key_features, values, query_features, query_index, initial=None):
+        """Prefix sums over chunks (plus `initial`, the state before this input); returns the queries'
+        numerators and denominators, the state after the input, and the FLOPs."""
         batch, length, h, r = key_features.shape
         hd = values.shape[-1]
         num_chunks = math.ceil(length / CHUNK)
@@ -94,23 +108,31 @@ class RBFMixing(KeepsFP32Buffers):
         chunk_norm = kf.sum(dim=2)
         prefix_state = torch.cumsum(chunk_state, dim=1) - chunk_state
         prefix_norm = torch.cumsum(chunk_norm, dim=1) - chunk_norm
+        final_state, final_norm = chunk_state.sum(dim=1), chunk_norm.sum(dim=1)
+        if initial is not None:
+            prefix_state = prefix_state + initial[0][:, None]
+            prefix_norm = prefix_norm + initial[1][:, None]
+            final_state, final_norm = final_state + initial[0], final_norm + initial[1]
         flops = 2 * batch * num_chunks * CHUNK * h * r * hd
 
         numerators, denominators = [], []
         offsets = torch.arange(CHUNK, device=key_features.device)
+        rows = torch.arange(batch, device=key_features.device)[:, None]
         for start in range(0, query_index.shape[1], QUERY_BLOCK):
             index = query_index[:, start : start + QUERY_BLOCK]
             qf = query_features[:, start : start + QUERY_BLOCK]
             chunk = index // CHUNK
-            state = prefix_state[torch.arange(batch)[:, None], chunk]  # (B, m, h, R, hd)
-            norm = prefix_norm[torch.arange(batch)[:, None], chunk]  # (B, m, h, R)
+            state, norm = prefix_state[rows, chunk], prefix_norm[rows, chunk]  # (B, m, h, R, hd), (B, m, h, R)
             # Keys of the query's own chunk at or before it.
-            local_k = kf[torch.arange(batch)[:, None], chunk]  # (B, m, C, h, R)
-            local_v = vv[torch.arange(batch)[:, None], chunk]  # (B, m, C, h, hd)
+            local_k, local_v = kf[rows, chunk], vv[rows, chunk]  # (B, m, C, h, R), (B, m, C, h, hd)
             visible = (chunk[..., None] * CHUNK + offsets) <= index[..., None]  # (B, m, C)
             scores = torch.einsum("bmhr,bmchr->bmhc", qf, local_k) * visible[:, :, None, :]
-            numerators.append(torch.einsum("bmhr,bmhre->bmhe", qf, state) + torch.einsum("bmhc,bmche->bmhe", scores, local_v))
+            numerators.append(
+                torch.einsum("bmhr,bmhre->bmhe", qf, state) + torch.einsum("bmhc,bmche->bmhe", scores, local_v)
+            )
             denominators.append(torch.einsum("bmhr,bmhr->bmh", qf, norm) + scores.sum(dim=-1))
-            m = index.shape[1]
-            flops += 2 * batch * m * h * (r * hd + r + CHUNK * r + CHUNK * hd)
-        return torch.cat(numerators, dim=1), torch.cat(denominators, dim=1), flops
+            flops += 2 * batch * index.shape[1] * h * (r * hd + r + CHUNK * r + CHUNK * hd)
+        if not numerators:
+            empty = query_features.new_zeros(batch, 0, h, hd)
+            return empty, empty[..., 0], (final_state, final_norm), flops
+        return torch.cat(numerators, dim=1), torch.cat(denominators, dim=1), (final_state, final_norm), flops

@@ -213,12 +213,18 @@ class MetaRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.hidden_size))
         self.bias = nn.Parameter(torch.full((), 2.0))
 
-    def forward(self, layer_input, layer_output, token_mask):
+    def forward(self, layer_input, layer_output, token_mask, cache=None):
+        """token_mask: (B, n) real tokens or None; cache: earlier positions' running sum and count."""
         x = layer_input.float()
         mask = torch.ones(x.shape[:2], device=x.device) if token_mask is None else token_mask.float()
         weighted = x * mask[..., None]
         if self.is_causal:
-            summary = weighted.cumsum(dim=1) / mask.cumsum(dim=1).clamp_min(1)[..., None]
+            total, count = weighted.cumsum(dim=1), mask.cumsum(dim=1)
+            if cache is not None and cache.meta_sum is not None:
+                total, count = total + cache.meta_sum[:, None], count + cache.meta_count[:, None]
+            if cache is not None:
+                cache.meta_sum, cache.meta_count = total[:, -1], count[:, -1]
+            summary = total / count.clamp_min(1)[..., None]
         else:
             summary = weighted.sum(dim=1, keepdim=True) / mask.sum(dim=1).clamp_min(1)[:, None, None]
         gate = torch.sigmoid(summary @ self.weight.float() + self.bias)[..., None].to(layer_output.dtype)
