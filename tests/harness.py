@@ -86,3 +86,24 @@ def wikitext_blocks(tokenizer, folder, split, length, max_chars):
     text = (folder / f"wiki.{split}.tokens").read_text(encoding="utf-8")[:max_chars]
     ids = torch.tensor(tokenizer.encode(text).ids)
     return ids[: len(ids) // length * length].view(-1, length)
+
+
+def tiny_tokenizer(vocab_size=97):
+    """A byte-level BPE trained here on a few sentences, wrapped for transformers (no downloads)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    text = [
+        "the light falls where detail is needed and the dark keeps the rest",
+        "attention is paid only where it is needed, smooth tokens take the spectral path",
+        "a small model routes each token to one operator at every routed layer",
+    ] * 20
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<eos>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()[:40],
+    )
+    tokenizer.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")

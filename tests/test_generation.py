@@ -1,0 +1,164 @@
+"""Cached decoding equals the uncached computation; generate() and pipelines work on every variant."""
+
+import pytest
+import torch
+
+from harness import VARIANTS, build, random_ids
+from modeling_chiar import ChiarForCausalLM
+from modeling_chiar.cache import ChiarCache
+
+GENERATION_VARIANTS = [
+    "threshold-dct+attention",
+    "threshold-dct+rbf+attention",
+    "learned-dct+rbf+attention",
+    "soft-dct+rbf+attention",
+    "random-rbf+attention",
+    "threshold-dct+rbf",
+    "all-rbf",
+    "all-dct",
+    "baseline",
+    "meta-router",
+    "meta-router-learned",
+    "post-norm",
+]
+assert set(GENERATION_VARIANTS) <= set(VARIANTS)
+
+
+def lm(variant, **overrides):
+    return build(ChiarForCausalLM, variant, **{"eos_token_id": None, "pad_token_id": 0, **overrides}).eval()
+
+
+def greedy(model, prompt, mask=None, use_cache=True, steps=12):
+    return model.generate(prompt, attention_mask=mask, max_new_tokens=steps, do_sample=False, use_cache=use_cache,
+                          output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("variant", GENERATION_VARIANTS)
+def test_cached_greedy_equals_uncached_step_by_step(variant):
+    model = lm(variant)
+    prompt = random_ids(2, 7, seed=11)
+    cached, uncached = greedy(model, prompt), greedy(model, prompt, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step, (a, b) in enumerate(zip(cached.scores, uncached.scores)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=f"step {step}")
+    # and each step equals a full forward over the sequence so far
+    full = model(cached.sequences).logits
+    for step, scores in enumerate(cached.scores):
+        torch.testing.assert_close(scores, full[:, 6 + step], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", GENERATION_VARIANTS)
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(variant):
+    model = lm(variant)
+    prompts = [random_ids(1, n, seed=20 + n)[0] for n in (4, 9, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    batch = greedy(model, ids, mask).sequences[:, width:]
+    for row, prompt in enumerate(prompts):
+        alone = greedy(model, prompt[None]).sequences[:, len(prompt):]
+        assert torch.equal(batch[row : row + 1], alone), (row, batch[row], alone)
+
+
+@pytest.mark.parametrize("variant", ["threshold-dct+rbf+attention", "all-rbf", "meta-router"])
+def test_beam_search_and_sampling(variant):
+    model = lm(variant)
+    prompt = random_ids(2, 5, seed=3)
+    beams = [model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=c) for c in (True, False)]
+    assert torch.equal(beams[0], beams[1])
+    samples = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        samples.append(model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=20, use_cache=use_cache))
+    assert torch.equal(samples[0], samples[1])
+    assert samples[0].shape == (2, 11)
+    torch.manual_seed(0)
+    several = model.generate(prompt, max_new_tokens=4, do_sample=True, num_return_sequences=3)
+    assert several.shape == (6, 9)
+
+
+@pytest.mark.parametrize("variant", GENERATION_VARIANTS)
+def test_prefill_in_chunks_equals_one_pass(variant):
+    """Feeding a sequence through the cache in pieces gives the logits of one uncached pass."""
+    model = lm(variant)
+    ids = random_ids(2, 40, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding in the second row
+    whole = model(ids, attention_mask=mask).logits
+    cache, pieces = None, []
+    for start, end in ((0, 13), (13, 14), (14, 33), (33, 40)):
+        out = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1)[mask.bool()], whole[mask.bool()], atol=1e-4, rtol=0)
+    assert cache.get_seq_length() == 40
+
+
+def test_cache_holds_per_layer_state_of_the_right_size():
+    model = lm("threshold-dct+rbf+attention", layer_schedule=["dct", "routed", "rbf", "attention"], use_meta_router=True)
+    out = model(random_ids(2, 15), use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    assert isinstance(cache, ChiarCache) and cache.get_seq_length() == 15
+    assert cache.keys[0] is None and cache.rbf_state[0] is None  # DCT needs no state
+    assert cache.keys[1].shape == (2, 4, 15, 8)  # keys of every token, whichever operator it took
+    assert cache.rbf_state[1].shape == (2, 4, 16, 8) and cache.rbf_norm[1].shape == (2, 4, 16)
+    assert cache.keys[2] is None and cache.rbf_state[2].shape == (2, 4, 16, 8)  # fixed-size recurrent state
+    assert cache.keys[3].shape == (2, 4, 15, 8)
+    assert cache.meta_sum.shape == (2, 32) and torch.equal(cache.meta_count, torch.full((2,), 15.0))
+
+
+def test_forward_without_use_cache_builds_no_cache():
+    model = lm("threshold-dct+attention")
+    out = model(random_ids(1, 5))
+    assert out.get("cache") is None and out.get("past_key_values") is None
+
+
+def test_cache_errors():
+    model = lm("threshold-dct+rbf+attention")
+    out = model(random_ids(1, 5), use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        cache.crop(3)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(random_ids(1, 1), attention_mask=torch.ones(1, 1), cache=cache)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model(random_ids(1, 510), cache=cache)
+    from transformers import DynamicCache
+
+    filled = DynamicCache()
+    filled.update(torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8), 0)
+    with pytest.raises(ValueError, match="ChiarCache"):
+        model(random_ids(1, 2), cache=filled)
+
+
+def test_text_generation_pipeline():
+    from transformers import pipeline
+
+    from harness import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = lm("threshold-dct+rbf+attention", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = generator(["the light falls", "attention is"], max_new_tokens=5, do_sample=False)
+    assert len(out) == 2 and all(o[0]["generated_text"].startswith(p) for o, p in zip(out, ["the light falls", "attention is"]))
+
+
+def test_text_classification_pipeline():
+    from transformers import pipeline
+
+    from harness import tiny_tokenizer
+    from modeling_chiar import ChiarForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    model = build(ChiarForSequenceClassification, "threshold-dct+rbf+attention", is_causal=False, num_labels=2,
+                  vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  id2label={0: "dark", 1: "light"}, label2id={"dark": 0, "light": 1}).eval()
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)
+    out = classifier(["the light falls where detail is needed", "smooth tokens"])
+    assert [o["label"] in ("dark", "light") for o in out] == [True, True]
+    batch = tokenizer(["the light falls where detail is needed"], return_tensors="pt")
+    expected = model(**batch).logits.softmax(-1).max().item()
+    assert out[0]["score"] == pytest.approx(expected, abs=1e-5)
