@@ -203,13 +203,11 @@ class TokenMixer(nn.Module):
         if selected is not None:
             index, valid = gather_selected(selected)
         if name == "attention":
-            out, attn, flops = operator(x, ctx.rope, index, ctx.key_mask, ctx.output_attentions, ctx.cache)
+            out, attn, flops = operator(x, ctx.rope, index, ctx.key_mask, ctx.output_attentions, ctx.cache, valid)
         else:
             (out, flops), attn = operator(x, index, ctx.token_mask, ctx.cache), None
         if index is None:
             return out, flops, attn
-        if attn is not None:  # rows of unselected tokens carry no attention
-            attn = attn * selected[:, None, :, None].to(attn.dtype)
         out = out * valid[..., None].to(out.dtype)
         scattered = torch.zeros_like(x).scatter_add(1, index[..., None].expand(-1, -1, x.shape[-1]), out)
         return scattered, flops, attn
@@ -287,7 +285,8 @@ class ChiarPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict_architecture=True, **kwargs):
         """transformers' loading, with clear errors for corrupt checkpoints and, unless
         `strict_architecture=False`, for checkpoints whose body does not match the config (missing or
-        unexpected weights outside the task head would otherwise be silently re-initialised)."""
+        unexpected weights outside the task head would otherwise be silently re-initialised). With
+        `output_loading_info=True` or an explicit `state_dict`, the report is returned as transformers does."""
         want_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
@@ -298,7 +297,8 @@ class ChiarPreTrainedModel(PreTrainedModel):
                     f"and cannot be read ({error}). Re-download or re-save it."
                 ) from error
             raise
-        if strict_architecture:
+        # A caller who asks for the loading report, or loads a state dict of its own, reads the report itself.
+        if strict_architecture and not want_info and pretrained_model_name_or_path is not None and "state_dict" not in kwargs:
             base = getattr(model, model.base_model_prefix, model)
             prefix = "" if base is model else model.base_model_prefix + "."
             roots = {prefix + name.split(".")[0] for name in base.state_dict()}
@@ -395,11 +395,6 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
-        if output_attentions and (config._attn_implementation or "eager") != "eager":
-            raise ValueError(
-                "output_attentions=True needs attn_implementation='eager' "
-                f"(this model uses {config._attn_implementation!r}, which does not return attention weights)."
-            )
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, ChiarCache):
             if hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:

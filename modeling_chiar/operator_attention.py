@@ -87,12 +87,13 @@ class RoutedAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, rope, query_index=None, key_mask=None, output_attentions=False, cache=None):
+    def forward(self, x, rope, query_index=None, key_mask=None, output_attentions=False, cache=None, query_valid=None):
         """Attend the tokens `query_index` (B, M) of x, sorted by position, or every token when None.
 
         x: (B, n, d) operator input of the new tokens; rope: (cos, sin), each (B, n, hd);
         key_mask: (B, past + n) bool, True for real tokens, or None when nothing is padded;
-        cache: a `ChiarCache` holding the keys and values of earlier tokens (updated in place).
+        cache: a `ChiarCache` holding the keys and values of earlier tokens (updated in place);
+        query_valid: (B, M) bool, False for filler slots of a gathered batch (their rows stay empty).
         Returns (output (B, M, d), attention weights (B, h, n, past + n) or None, executed FLOPs).
         """
         batch, length, d = x.shape
@@ -113,7 +114,7 @@ class RoutedAttention(nn.Module):
         dropout = self.config.attention_dropout if self.training else 0.0
 
         fused = self.is_causal and key_mask is None and offset == 0 and implementation == "sdpa"
-        if query_index is None and fused:
+        if query_index is None and fused and not output_attentions:
             # Every token is a query and nothing is padded: the fused causal kernel is the cheapest path.
             queries = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
             output, _ = attention_fn(
@@ -132,6 +133,12 @@ class RoutedAttention(nn.Module):
         q_in = x.gather(1, query_index[..., None].expand(-1, -1, d))
         queries = apply_rotary(self._heads(self.q_proj(q_in)), q_cos, q_sin)
         flops += 2 * linear_flops(batch * num_queries, d, d)
+        if output_attentions:
+            output, attentions, kernel_flops = self._attend_returning_weights(
+                queries, keys, values, query_index + offset, query_valid, key_mask, length, dropout
+            )
+            output = self.o_proj(output.transpose(1, 2).reshape(batch, num_queries, d))
+            return output, attentions, flops + kernel_flops
 
         key_positions = torch.arange(total, device=x.device)
         outputs, weights = [], []
@@ -140,7 +147,7 @@ class RoutedAttention(nn.Module):
             # Causal: no query of this block sees past its last query, so later keys are never computed.
             num_keys = int(block_index.max()) + 1 if self.is_causal else total
             allowed = self._mask(block_index, key_positions[:num_keys], key_mask)
-            output, block_weights = attention_fn(
+            output, _ = attention_fn(
                 self,
                 queries[:, :, start:end],
                 keys[:, :, :num_keys],
@@ -152,14 +159,27 @@ class RoutedAttention(nn.Module):
             )
             flops += attention_kernel_flops(batch, end - start, num_keys, d, causal=False)
             outputs.append(output)
-            if output_attentions and block_weights is not None:
-                weights.append(nn.functional.pad(block_weights, (0, total - num_keys)))
         output = self.o_proj(torch.cat(outputs, dim=1).reshape(batch, num_queries, d))
-        attentions = None
-        if output_attentions and weights:
-            attentions = x.new_zeros(batch, self.num_heads, length, total)
-            rows = query_index[:, None, :, None].expand(-1, self.num_heads, -1, total)
-            attentions = attentions.scatter(2, rows, torch.cat(weights, dim=2))
+        return output, None, flops
+
+    def _attend_returning_weights(self, queries, keys, values, global_index, query_valid, key_mask, length, dropout):
+        """Analysis path (output_attentions): one eager pass over every key that returns the (B, h, n, keys)
+        map the output is computed from, so gradients reach it. Rows of tokens that did not run
+        attention are zero."""
+        batch, heads, _, head_dim = queries.shape
+        total = keys.shape[2]
+        allowed = self._mask(global_index, torch.arange(total, device=keys.device), key_mask)
+        _, weights = eager_attention_forward(self, queries, keys, values, allowed[:, None], self.scaling, dropout)
+        if query_valid is not None:
+            weights = weights * query_valid[:, None, :, None].to(weights.dtype)
+        local = global_index - (total - length)
+        rows = local[:, None, :, None].expand(-1, heads, -1, total)
+        attentions = weights.new_zeros(batch, heads, length, total).scatter(2, rows, weights)
+        output = torch.matmul(attentions, values)  # (B, h, n, hd): zero rows where nobody attended
+        output = output.gather(2, local[:, None, :, None].expand(-1, heads, -1, head_dim))
+        d = heads * head_dim
+        flops = attention_kernel_flops(batch, global_index.shape[1], total, d, False) / 2
+        flops += attention_kernel_flops(batch, length, total, d, False) / 2
         return output, attentions, flops
 
     def _mask(self, query_index, key_positions, key_mask):

@@ -142,3 +142,6 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
         ChiarForCausalLM.from_pretrained(tmp_path, intermediate_size=128)
     relaxed = ChiarForCausalLM.from_pretrained(tmp_path, layer_schedule=["attention"] * 4, strict_architecture=False)
     assert relaxed.config.layer_schedule == ["attention"] * 4
+    # Asking for the loading report means reading it yourself, as with any transformers model.
+    _, info = ChiarForCausalLM.from_pretrained(tmp_path, layer_schedule=["attention"] * 4, output_loading_info=True)
+    assert any("attention.q_proj" in key for key in info["missing_keys"])

@@ -58,10 +58,22 @@ def test_hidden_states_and_attentions(model_class):
         assert torch.equal(attn.triu(1), torch.zeros_like(attn))  # causal
 
 
-def test_output_attentions_needs_eager():
-    model = build(ChiarForCausalLM, "baseline", attn_implementation="sdpa")
-    with pytest.raises(ValueError, match="eager"):
-        model(random_ids(1, 5), output_attentions=True)
+def test_output_attentions_under_sdpa_returns_the_same_weights_as_eager():
+    eager = build(ChiarForCausalLM, "threshold-dct+rbf+attention", attn_implementation="eager").eval()
+    sdpa = build(ChiarForCausalLM, "threshold-dct+rbf+attention", attn_implementation="sdpa").eval()
+    ids = random_ids(2, 12)
+    for a, b in zip(eager(ids, output_attentions=True).attentions, sdpa(ids, output_attentions=True).attentions):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradients_reach_the_returned_attention_maps():
+    model = build(ChiarForCausalLM, "threshold-dct+attention", layer_schedule=["attention", "routed", "routed", "dct"])
+    out = model(random_ids(2, 12), output_attentions=True, output_routing=True)
+    for attn in out.attentions[:3]:
+        attn.retain_grad()
+    out.logits.sum().backward()
+    assert out.attentions[0].grad is not None and out.attentions[0].grad.abs().sum() > 0
+    assert out.attentions[1].grad is not None  # routed: rows of attention tokens carry the gradient
 
 
 @pytest.mark.parametrize("model_class", ALL_CLASSES)

@@ -1,0 +1,177 @@
+"""Hub-ready folders for CHIAR checkpoints: weights, config with a complete `auto_map`, the model
+code, the tokenizer, and a model card, ready to upload as they are.
+
+    chiar-export MODEL_DIR OUT_DIR [--tokenizer DIR] [--eval-results eval_results.json] [--dataset wikitext]
+    chiar-export MODEL_DIR OUT_DIR --repo-id user/name --push     # upload with huggingface_hub
+
+From Python: `save_for_hub(model, out_dir, tokenizer=..., evaluation=...)`.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from chiar.evaluation import routing_shares_from_metrics
+
+METRIC_NAMES = {"perplexity": "perplexity", "eval_loss": "loss", "eval_accuracy": "accuracy", "accuracy": "accuracy"}
+
+
+def save_for_hub(model, path, tokenizer=None, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None):
+    """Write everything a Hub repository needs into `path`; return the path.
+
+    evaluation: metrics as written by run_clm.py / run_classification.py (`eval_results.json`), whose
+    routing shares and attention-FLOPs fraction go into the card when present.
+    """
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    card = build_model_card(model, evaluation=evaluation, datasets=datasets, repo_id=repo_id, license=license, tags=tags)
+    card.save(path / "README.md")
+    return path
+
+
+def build_model_card(model, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None):
+    config = model.config
+    causal_lm = type(model).__name__.endswith("ForCausalLM")
+    evaluation = dict(evaluation or {})
+    metrics = sorted({METRIC_NAMES[k] for k in evaluation if k in METRIC_NAMES})
+    card_data = ModelCardData(
+        library_name="transformers",
+        license=license,
+        tags=["chiar", "chiaroscuro-attention", "custom_code", *(tags or [])],
+        datasets=list(datasets) if datasets else None,
+        metrics=metrics or None,
+        pipeline_tag="text-generation" if causal_lm else "text-classification",
+    )
+    sections = [
+        f"# {repo_id or 'CHIAR-Former model'}",
+        "A CHIAR-Former (Chiaroscuro Attention, arXiv 2606.08327) model: at each routed layer every token "
+        "is sent to one of DCT spectral mixing, RBF kernel mixing or full self-attention, chosen from its "
+        "spectral entropy, so attention is paid only where it is needed.",
+        _architecture(model),
+    ]
+    if evaluation:
+        sections.append(_evaluation(config, evaluation))
+    sections.append(_usage(type(model).__name__, repo_id))
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+    return ModelCard(content)
+
+
+def _architecture(model):
+    config = model.config
+    rows = ["| layer | kind | operators | thresholds (eval) |", "|---|---|---|---|"]
+    for i, layer in enumerate(getattr(model, "model", model).layers):
+        router = layer.mixer.router
+        thresholds = getattr(router, "thresholds", None)
+        shown = ", ".join(f"{t:.5f}" for t in thresholds.tolist()) if thresholds is not None else ""
+        rows.append(f"| {i} | {config.layer_schedule[i]} | {', '.join(layer.mixer.operators)} | {shown} |")
+    calibrated = ""
+    if config.router_type == "threshold":
+        calibrated = (
+            " Thresholds were fixed in the config." if config.router_thresholds is not None
+            else " Thresholds are running quantiles calibrated during training and stored in the checkpoint."
+        )
+    targets = ", ".join(f"{op} {share:.0%}" for op, share in config.router_target_fractions.items())
+    return "\n".join([
+        "## Architecture",
+        f"- {config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
+        f"FFN {config.intermediate_size}, vocabulary {config.vocab_size}, {config.norm_position}-norm, "
+        f"{'causal' if config.is_causal else 'bidirectional'}",
+        f"- schedule `{config.layer_schedule}`; routed operators `{config.routed_operators}`",
+        f"- router `{config.router_type}`, target shares: {targets}.{calibrated}",
+        f"- MetaRouter: {'on' if config.use_meta_router else 'off'}",
+        "",
+        *rows,
+    ])
+
+
+def _evaluation(config, evaluation):
+    lines = ["## Evaluation", "", "| metric | value |", "|---|---|"]
+    for key in sorted(evaluation):
+        value = evaluation[key]
+        if isinstance(value, (int, float)) and "routing_layer" not in key and "entropy_layer" not in key:
+            lines.append(f"| {key} | {value:.4g} |")
+    shares = routing_shares_from_metrics(evaluation, config.num_hidden_layers)
+    if shares:
+        operators = [op for op in ("dct", "rbf", "attention") if any(op in s for s in shares.values())]
+        lines += ["", "Routing shares of real tokens per layer, on the evaluation set:", "",
+                  "| layer | " + " | ".join(operators) + " |", "|---" * (len(operators) + 1) + "|"]
+        for layer in sorted(shares):
+            cells = [f"{shares[layer].get(op, 0.0):.3f}" for op in operators]
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    flops = {k: v for k, v in evaluation.items() if k.endswith("attention_flops_fraction")}
+    for key, value in flops.items():
+        lines += ["", f"Attention FLOPs executed relative to the full-attention model of the same shape: "
+                      f"**{value:.3f}** (`{key}`, counted by the model's own accounting)."]
+    return "\n".join(lines)
+
+
+def _usage(class_name, repo_id):
+    where = repo_id or "path/to/this/folder"
+    auto = "AutoModelForCausalLM" if class_name.endswith("ForCausalLM") else "AutoModelForSequenceClassification"
+    return "\n".join([
+        "## Usage",
+        "",
+        "Without installing anything beyond transformers (the model code ships with the weights):",
+        "",
+        "```python",
+        f"from transformers import AutoTokenizer, {auto}",
+        f"model = {auto}.from_pretrained(\"{where}\", trust_remote_code=True)",
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{where}\")",
+        "```",
+        "",
+        "With the `chiar` project installed (`pip install -e .` in its repository):",
+        "",
+        "```python",
+        "import modeling_chiar  # registers the CHIAR classes with the Auto classes",
+        f"from transformers import {auto}",
+        f"model = {auto}.from_pretrained(\"{where}\")",
+        "outputs = model(**inputs, output_routing=True)  # per-layer operator ids, entropies and shares",
+        "```",
+    ])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a Hub-ready folder (weights, code, tokenizer, model card) for a CHIAR checkpoint.")
+    parser.add_argument("model", help="a saved CHIAR model folder (or Hub id)")
+    parser.add_argument("output", type=Path, help="folder to write")
+    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model folder, if it has one)")
+    parser.add_argument("--eval-results", type=Path, help="eval_results.json / all_results.json from run_clm.py or run_classification.py")
+    parser.add_argument("--dataset", action="append", help="dataset name for the card (repeatable)")
+    parser.add_argument("--repo-id", help="Hub repository id, used in the card and for --push")
+    parser.add_argument("--push", action="store_true", help="upload the folder to --repo-id with huggingface_hub")
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+
+    import modeling_chiar  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(args.model)
+    architectures = getattr(config, "architectures", None) or ["ChiarForCausalLM"]
+    auto = AutoModelForSequenceClassification if "SequenceClassification" in architectures[0] else AutoModelForCausalLM
+    model = auto.from_pretrained(args.model)
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    except (OSError, ValueError) as error:
+        if args.tokenizer:
+            raise SystemExit(f"Cannot load the tokenizer {args.tokenizer!r}: {error}")
+    evaluation = json.loads(args.eval_results.read_text()) if args.eval_results else None
+    path = save_for_hub(model, args.output, tokenizer=tokenizer, evaluation=evaluation, datasets=args.dataset, repo_id=args.repo_id)
+    print(f"wrote {path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
+    if args.push:
+        if not args.repo_id:
+            raise SystemExit("--push needs --repo-id")
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        api.upload_folder(repo_id=args.repo_id, folder_path=str(path))
+        print(f"uploaded to {args.repo_id}")
+
+
+if __name__ == "__main__":
+    main()
