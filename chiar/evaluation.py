@@ -14,14 +14,14 @@ from modeling_chiar.flops import full_attention_layer_flops
 
 
 class RoutingAccumulator:
+    """Sums over evaluation batches; `totals()` is a fixed-order vector that processes can all-reduce."""
+
     def __init__(self, config):
         self.config = config
-        self.counts = defaultdict(float)  # (layer, operator) -> real tokens
-        self.entropy_sum = defaultdict(float)
-        self.real_tokens = 0.0
-        self.attention_queries = 0.0
-        self.attention_flops = 0.0
-        self.baseline_flops = 0.0
+        self.keys = ["real_tokens", "attention_queries", "attention_flops", "baseline_flops"]
+        for i in range(config.num_hidden_layers):
+            self.keys += [f"routing_layer{i}_{op}" for op in config.layer_operators(i)] + [f"entropy_layer{i}"]
+        self.sums = dict.fromkeys(self.keys, 0.0)
 
     @torch.no_grad()
     def add(self, routing):
@@ -29,34 +29,37 @@ class RoutingAccumulator:
         first = routing[0]
         batch, length = first.operator_ids.shape
         mask = first.token_mask
-        real = batch * length if mask is None else int(mask.sum())
-        self.real_tokens += real
+        self.sums["real_tokens"] += batch * length if mask is None else int(mask.sum())
         fused = (self.config._attn_implementation or "eager") == "sdpa" and self.config.is_causal and mask is None
         for i, record in enumerate(routing):
             ids = record.operator_ids if mask is None else record.operator_ids[mask]
             for k, op in enumerate(record.operators):
-                self.counts[(i, op)] += float((ids == k).sum())
+                self.sums[f"routing_layer{i}_{op}"] += float((ids == k).sum())
             if record.entropy is not None:
                 values = record.entropy if mask is None else record.entropy[mask]
-                self.entropy_sum[i] += float(values.float().sum())
-            self.attention_queries += record.attention_queries
-            self.attention_flops += record.attention_flops
-            self.baseline_flops += full_attention_layer_flops(
+                self.sums[f"entropy_layer{i}"] += float(values.float().sum())
+            self.sums["attention_queries"] += record.attention_queries
+            self.sums["attention_flops"] += record.attention_flops
+            self.sums["baseline_flops"] += full_attention_layer_flops(
                 batch, length, self.config.hidden_size, self.config.is_causal, fused
             )
 
-    def metrics(self):
-        if not self.real_tokens:
+    def totals(self):
+        return torch.tensor([self.sums[key] for key in self.keys], dtype=torch.float64)
+
+    def metrics(self, totals=None):
+        """Shares and fractions from `totals` (e.g. summed over processes) or from this process's sums."""
+        sums = dict(zip(self.keys, totals.tolist())) if totals is not None else self.sums
+        real = sums["real_tokens"]
+        if not real:
             return {}
-        layers = self.config.num_hidden_layers
         out = {
-            "attention_query_fraction": self.attention_queries / (layers * self.real_tokens),
-            "attention_flops_fraction": self.attention_flops / self.baseline_flops if self.baseline_flops else 0.0,
+            "attention_query_fraction": sums["attention_queries"] / (self.config.num_hidden_layers * real),
+            "attention_flops_fraction": sums["attention_flops"] / sums["baseline_flops"] if sums["baseline_flops"] else 0.0,
         }
-        for (i, op), count in sorted(self.counts.items()):
-            out[f"routing_layer{i}_{op}"] = count / self.real_tokens
-        for i, total in sorted(self.entropy_sum.items()):
-            out[f"entropy_layer{i}"] = total / self.real_tokens
+        for key in self.keys:
+            if key.startswith(("routing_layer", "entropy_layer")):
+                out[key] = sums[key] / real
         return out
 
 

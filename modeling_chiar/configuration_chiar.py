@@ -57,7 +57,7 @@ class ChiarConfig(PretrainedConfig):
     """
 
     model_type = "chiar"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "routing", "aux_loss"]
 
     def __init__(
         self,

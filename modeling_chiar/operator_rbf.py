@@ -99,10 +99,11 @@ class RBFMixing(KeepsFP32Buffers):
         numerators and denominators, the state after the input, and the FLOPs."""
         batch, length, h, r = key_features.shape
         hd = values.shape[-1]
-        num_chunks = math.ceil(length / CHUNK)
-        pad = num_chunks * CHUNK - length
-        kf = nn.functional.pad(key_features, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, CHUNK, h, r)
-        vv = nn.functional.pad(values, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, CHUNK, h, hd)
+        chunk_size = max(1, min(CHUNK, length))  # a decoding step (length 1) needs no 32-token chunk
+        num_chunks = math.ceil(length / chunk_size)
+        pad = num_chunks * chunk_size - length
+        kf = nn.functional.pad(key_features, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, chunk_size, h, r)
+        vv = nn.functional.pad(values, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, chunk_size, h, hd)
         # State before each chunk: exclusive prefix sums of per-chunk sums.
         chunk_state = torch.einsum("bcthr,bcthe->bchre", kf, vv)
         chunk_norm = kf.sum(dim=2)
@@ -113,25 +114,25 @@ class RBFMixing(KeepsFP32Buffers):
             prefix_state = prefix_state + initial[0][:, None]
             prefix_norm = prefix_norm + initial[1][:, None]
             final_state, final_norm = final_state + initial[0], final_norm + initial[1]
-        flops = 2 * batch * num_chunks * CHUNK * h * r * hd
+        flops = 2 * batch * num_chunks * chunk_size * h * r * hd
 
         numerators, denominators = [], []
-        offsets = torch.arange(CHUNK, device=key_features.device)
+        offsets = torch.arange(chunk_size, device=key_features.device)
         rows = torch.arange(batch, device=key_features.device)[:, None]
         for start in range(0, query_index.shape[1], QUERY_BLOCK):
             index = query_index[:, start : start + QUERY_BLOCK]
             qf = query_features[:, start : start + QUERY_BLOCK]
-            chunk = index // CHUNK
+            chunk = index // chunk_size
             state, norm = prefix_state[rows, chunk], prefix_norm[rows, chunk]  # (B, m, h, R, hd), (B, m, h, R)
             # Keys of the query's own chunk at or before it.
             local_k, local_v = kf[rows, chunk], vv[rows, chunk]  # (B, m, C, h, R), (B, m, C, h, hd)
-            visible = (chunk[..., None] * CHUNK + offsets) <= index[..., None]  # (B, m, C)
+            visible = (chunk[..., None] * chunk_size + offsets) <= index[..., None]  # (B, m, C)
             scores = torch.einsum("bmhr,bmchr->bmhc", qf, local_k) * visible[:, :, None, :]
             numerators.append(
                 torch.einsum("bmhr,bmhre->bmhe", qf, state) + torch.einsum("bmhc,bmche->bmhe", scores, local_v)
             )
             denominators.append(torch.einsum("bmhr,bmhr->bmh", qf, norm) + scores.sum(dim=-1))
-            flops += 2 * batch * index.shape[1] * h * (r * hd + r + CHUNK * r + CHUNK * hd)
+            flops += 2 * batch * index.shape[1] * h * (r * hd + r + chunk_size * (r + hd))
         if not numerators:
             empty = query_features.new_zeros(batch, 0, h, hd)
             return empty, empty[..., 0], (final_state, final_norm), flops

@@ -1,0 +1,135 @@
+"""Decoding speed of CHIAR against the full-attention model of the same shape, cached and uncached.
+
+For each context length, every model is prefilled with a random prompt of that length (not timed)
+and then decodes `--steps` tokens greedily, one forward per token:
+- cached: each step feeds one token and the model's `ChiarCache` (attention layers read the keys of
+  the whole context, DCT and RBF tokens read nothing or a fixed-size state);
+- uncached: each step recomputes the whole sequence (the cost a model without a cache pays).
+Models are timed in interleaved rounds (A B A B ...), warm-up excluded; the table shows the median
+tokens/s over rounds and the ratio to the baseline measured in the same rounds.
+
+    python benchmarks/generation.py                       # quick CPU profile
+    python benchmarks/generation.py --profile full        # GPU profile (longer contexts, more steps)
+
+Writes JSON (and prints a table) to benchmarks/results/generation-<device>.json unless --output is given.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from modeling_chiar import ChiarConfig, ChiarForCausalLM
+
+PROFILES = {
+    "quick": dict(lengths=[256, 1024, 2048], steps=32, uncached_steps=4, rounds=5, batch=1),
+    "full": dict(lengths=[1024, 4096, 16384], steps=128, uncached_steps=8, rounds=5, batch=8),
+}
+
+VARIANTS = {
+    "baseline": dict(layer_schedule=["attention"] * 4),
+    "chiar-2op": dict(),
+    "chiar-3op": dict(routed_operators=["dct", "rbf", "attention"]),
+    "chiar-random": dict(router_type="random"),
+}
+
+
+def build(name, max_length, device, dtype):
+    torch.manual_seed(0)
+    config = ChiarConfig(vocab_size=8192, hidden_dropout=0.0, max_position_embeddings=max_length, **VARIANTS[name])
+    model = ChiarForCausalLM._from_config(config, attn_implementation="sdpa").to(device=device, dtype=dtype)
+    model.train()  # calibrate the threshold routers to their 25% target on random tokens
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randint(0, 8192, (2, 256), generator=generator).to(device))
+    return model.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def time_decoding(model, prompt, steps, cached, device):
+    """Seconds per generated token (batch rows count as tokens), prefill excluded."""
+    if cached:
+        out = model(prompt, use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        token = out.logits[:, -1:].argmax(-1)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        sync(device)
+    else:
+        ids = prompt
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(ids).logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, token], dim=1)
+        sync(device)
+    return (time.perf_counter() - start) / (steps * prompt.shape[0])
+
+
+def main():
+    parser = argparse.ArgumentParser(description="CHIAR vs full attention: decoding tokens/s, cached and uncached.")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    settings = dict(PROFILES[args.profile])
+    if args.lengths:
+        settings["lengths"] = args.lengths
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    max_length = max(settings["lengths"]) + settings["steps"] + 8
+    models = {name: build(name, max_length, device, dtype) for name in args.variants}
+
+    rows = []
+    for length in settings["lengths"]:
+        prompt = torch.randint(0, 8192, (settings["batch"], length), generator=torch.Generator().manual_seed(length)).to(device)
+        for cached in (True, False):
+            steps = settings["steps"] if cached else settings["uncached_steps"]
+            timings = {name: [] for name in models}
+            for round_index in range(settings["rounds"] + 1):  # round 0 is warm-up
+                for name, model in models.items():
+                    seconds = time_decoding(model, prompt, steps, cached, device)
+                    if round_index:
+                        timings[name].append(seconds)
+            base = statistics.median(timings["baseline"]) if "baseline" in timings else None
+            for name, values in timings.items():
+                median = statistics.median(values)
+                rows.append({
+                    "context": length, "cached": cached, "model": name,
+                    "tokens_per_s": 1.0 / median,
+                    "speedup_vs_baseline": (base / median) if base else None,
+                    "seconds_per_token_all_rounds": values,
+                })
+                print(f"T={length:>6} {'cached  ' if cached else 'uncached'} {name:13} {1.0 / median:9.1f} tok/s"
+                      + (f"  x{base / median:.2f} vs baseline" if base else ""), flush=True)
+
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    result = {
+        "benchmark": "generation", "profile": args.profile, "device": machine, "dtype": str(dtype),
+        "torch": torch.__version__, "settings": settings, "shape": "4 layers, d=256, 4 heads, FFN 1024, vocab 8192",
+        "rows": rows,
+    }
+    output = args.output or Path(__file__).parent / "results" / f"generation-{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

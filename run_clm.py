@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Train or evaluate a CHIAR (or any) causal language model on a text dataset, shaped like the
+Transformers example `run_clm.py`: HfArgumentParser over model / data / TrainingArguments, a lone
+`.json` argument as the whole configuration, Trainer, grouped blocks, perplexity.
+
+On built-in defaults it trains the tiny CHIAR (configs/chiar-tiny.json) on WikiText-2 from the Hub,
+with a byte-level BPE tokenizer trained on the training split. Offline, point it to local files:
+
+    python run_clm.py --output_dir runs/clm-tiny \\
+        --train_file ../shared/data/wikitext-2/wiki.train.tokens \\
+        --validation_file ../shared/data/wikitext-2/wiki.valid.tokens \\
+        --test_file ../shared/data/wikitext-2/wiki.test.tokens
+
+Evaluation adds, next to loss and perplexity, each layer's operator shares, the mean spectral
+entropy and the attention query / FLOP fractions actually executed (eval_results.json,
+all_results.json, the Trainer logs). Works under `accelerate launch` (CPU or GPUs).
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from itertools import chain
+
+import datasets
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    HfArgumentParser,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import modeling_chiar  # noqa: F401  (registers CHIAR with the Auto classes)
+from chiar.training import (
+    ArgumentError,
+    ChiarTrainer,
+    apply_config_overrides,
+    check_column,
+    get_tokenizer,
+    load_raw_datasets,
+    prepare_training_args,
+    resolve_config,
+)
+
+logger = logging.getLogger(__name__)
+# TrainingArguments values used when training from scratch unless given on the command line.
+SCRATCH_DEFAULTS = {"learning_rate": 1e-3, "warmup_ratio": 0.05, "weight_decay": 0.01}
+OFFLINE_HINT = (
+    " (e.g. --train_file ../shared/data/wikitext-2/wiki.train.tokens "
+    "--validation_file ../shared/data/wikitext-2/wiki.valid.tokens)"
+)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Checkpoint to start from; omit to train from scratch."})
+    model_type: str = field(default="chiar", metadata={"help": "Model type when training from scratch without --config_name."})
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Config file, or a shipped config name: chiar-tiny, chiar-v1-2op, chiar-v1-3op, baseline-v1, chiar-v2, baseline-v2. "
+                  "Default from scratch: chiar-tiny."},
+    )
+    config_overrides: str | None = field(default=None, metadata={"help": 'e.g. "router_type=learned,hidden_dropout=0.0"'})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Any HF tokenizer; default: the model's, else one trained here."})
+    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary of the byte-level BPE trained when no tokenizer is given."})
+    cache_dir: str | None = field(default=None)
+    trust_remote_code: bool = field(default=False)
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager or sdpa"})
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default="wikitext", metadata={"help": "Hub dataset; ignored when --train_file is given."})
+    dataset_config_name: str | None = field(default="wikitext-2-raw-v1")
+    train_file: str | None = field(default=None, metadata={"help": "text (.txt/.tokens), json/jsonl or csv, optionally .gz"})
+    validation_file: str | None = field(default=None)
+    test_file: str | None = field(default=None)
+    text_column_name: str = field(default="text")
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the number of training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the number of evaluation and test blocks."})
+    block_size: int | None = field(default=None, metadata={"help": "Tokens per block; default min(256, max_position_embeddings)."})
+    validation_split_percentage: int = field(default=5, metadata={"help": "Held out of train when there is no validation split."})
+    preprocessing_num_workers: int | None = field(default=None)
+    overwrite_cache: bool = field(default=False)
+    keep_linebreaks: bool = field(default=True)
+
+
+def parse_args(argv):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        asked = json.loads(open(argv[0]).read()).keys()
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        asked = [arg.lstrip("-").split("=")[0] for arg in argv]
+    # TrainingArguments turns do_eval on by itself when an eval strategy is set: look at what was asked.
+    defaults = not any(flag in asked for flag in ("do_train", "do_eval", "do_predict"))
+    if defaults:  # built-in defaults: train, evaluate, and test when there is a test split
+        training_args.do_train = training_args.do_eval = training_args.do_predict = True
+    if model_args.model_name_or_path is None:  # from scratch, a small model wants a larger step than 5e-5
+        for key, value in SCRATCH_DEFAULTS.items():
+            if key not in asked:
+                setattr(training_args, key, value)
+    return model_args, data_args, prepare_training_args(training_args), defaults
+
+
+def main(argv=None):
+    model_args, data_args, training_args, defaults = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    set_seed(training_args.seed)
+
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.overwrite_output_dir:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Resuming from {last_checkpoint}; pass --overwrite_output_dir to start over.")
+
+    # --- data, checked before anything expensive ---
+    raw = load_raw_datasets(data_args, model_args.cache_dir, OFFLINE_HINT)
+    if "validation" not in raw and "train" in raw:
+        split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=training_args.seed)
+        raw["train"], raw["validation"] = split["train"], split["test"]
+    for name in ("train", "validation", "test"):
+        if name in raw:
+            check_column(raw[name], data_args.text_column_name, "--text_column_name")
+    if training_args.do_train and "train" not in raw:
+        raise ArgumentError("--do_train needs training data (--train_file or a dataset with a train split).")
+    if training_args.do_predict and "test" not in raw:
+        if not defaults:
+            raise ArgumentError("--do_predict needs a test split (--test_file).")
+        training_args.do_predict = False
+
+    # --- tokenizer and model ---
+    text_column = data_args.text_column_name
+    tokenizer = get_tokenizer(
+        model_args, training_args, lambda: (t for t in raw["train"][text_column] if t.strip())
+    )
+    if model_args.model_name_or_path:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
+    else:
+        if model_args.config_name or model_args.model_type == "chiar":
+            config = AutoConfig.from_pretrained(resolve_config(model_args.config_name or "chiar-tiny"))
+        else:
+            config = AutoConfig.for_model(model_args.model_type)
+        config.vocab_size = len(tokenizer)
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config = apply_config_overrides(config, model_args.config_overrides)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    block_size = data_args.block_size or min(256, max_positions or 256)
+    if max_positions is not None and block_size > max_positions:
+        raise ArgumentError(f"--block_size {block_size} is above what the model supports (max_position_embeddings={max_positions}).")
+
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+            trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation,
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+        logger.info(f"New model from scratch: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+    # --- preprocessing: tokenize, then concatenate and cut into blocks (once, main process first) ---
+    def tokenize(examples):
+        return tokenizer(examples[text_column])
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples}
+        total = (len(concatenated["input_ids"]) // block_size) * block_size
+        result = {k: [t[i : i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    with training_args.main_process_first(desc="tokenizing and grouping"):
+        columns = raw["train" if "train" in raw else "validation"].column_names
+        tokenized = raw.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers, remove_columns=columns,
+                            load_from_cache_file=not data_args.overwrite_cache, desc="Tokenizing")
+        blocks = tokenized.map(group_texts, batched=True, num_proc=data_args.preprocessing_num_workers,
+                               load_from_cache_file=not data_args.overwrite_cache, desc=f"Grouping into blocks of {block_size}")
+
+    def limited(split, limit):
+        data = blocks[split]
+        return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+    train_dataset = limited("train", data_args.max_train_samples) if training_args.do_train else None
+    eval_dataset = limited("validation", data_args.max_eval_samples) if training_args.do_eval else None
+    for name, data in (("train", train_dataset), ("validation", eval_dataset)):
+        if data is not None and len(data) == 0:
+            raise ArgumentError(f"the {name} split has fewer than block_size={block_size} tokens.")
+
+    trainer = ChiarTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()  # model, calibrated router thresholds, code files, tokenizer
+        metrics = result.metrics
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_dataset)
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    if training_args.do_predict:
+        test_dataset = limited("test", data_args.max_eval_samples)
+        metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
+        metrics["test_samples"] = len(test_dataset)
+        trainer.log_metrics("test", metrics)
+        trainer.save_metrics("test", metrics)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
