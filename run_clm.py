@@ -16,6 +16,7 @@ entropy and the attention query / FLOP fractions actually executed (eval_results
 all_results.json, the Trainer logs). Works under `accelerate launch` (CPU or GPUs).
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -50,7 +51,7 @@ from chiar.training import (
 
 logger = logging.getLogger(__name__)
 # TrainingArguments values used when training from scratch unless given on the command line.
-SCRATCH_DEFAULTS = {"learning_rate": 1e-3, "warmup_ratio": 0.05, "weight_decay": 0.01}
+SCRATCH_DEFAULTS = {"learning_rate": 1e-3, "warmup_steps": 0.05, "weight_decay": 0.01}
 OFFLINE_HINT = (
     " (e.g. --train_file ../shared/data/wikitext-2/wiki.train.tokens "
     "--validation_file ../shared/data/wikitext-2/wiki.valid.tokens)"
@@ -104,9 +105,8 @@ def parse_args(argv):
     if defaults:  # built-in defaults: train, evaluate, and test when there is a test split
         training_args.do_train = training_args.do_eval = training_args.do_predict = True
     if model_args.model_name_or_path is None:  # from scratch, a small model wants a larger step than 5e-5
-        for key, value in SCRATCH_DEFAULTS.items():
-            if key not in asked:
-                setattr(training_args, key, value)
+        changes = {key: value for key, value in SCRATCH_DEFAULTS.items() if key not in asked}
+        training_args = dataclasses.replace(training_args, **changes)  # rebuilt, so TrainingArguments checks it
     return model_args, data_args, prepare_training_args(training_args), defaults
 
 
@@ -120,10 +120,10 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.overwrite_output_dir:
+    if os.path.isdir(training_args.output_dir) and training_args.do_train and not getattr(training_args, "overwrite_output_dir", False):
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Resuming from {last_checkpoint}; pass --overwrite_output_dir to start over.")
+            logger.warning(f"Resuming from {last_checkpoint}; use a new --output_dir to start over.")
 
     # --- data, checked before anything expensive ---
     raw = load_raw_datasets(data_args, model_args.cache_dir, OFFLINE_HINT)

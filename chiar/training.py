@@ -120,28 +120,48 @@ def get_tokenizer(model_args, training_args, train_texts):
 
 
 def apply_config_overrides(config, overrides):
-    """`--config_overrides "hidden_size=128,router_type=learned"` on a config, values typed like the field."""
+    """`--config_overrides "hidden_size=128,router_type=learned"` on a config, values parsed as JSON when
+    they parse. The config is rebuilt, so fields derived from others follow them: changing
+    `routed_operators` resets `router_target_fractions` to that set's defaults, and changing
+    `num_hidden_layers` resets `layer_schedule`, unless those are overridden too."""
     if not overrides:
         return config
     import json
 
-    for item in overrides.split(","):
+    values = {}
+    for item in _split_top_level(overrides):
         if "=" not in item:
             raise ArgumentError(f"--config_overrides expects key=value pairs, got {item!r}.")
         key, value = (part.strip() for part in item.split("=", 1))
         if not hasattr(config, key):
             raise ArgumentError(f"--config_overrides: the config has no field {key!r}.")
         try:
-            parsed = json.loads(value)
+            values[key] = json.loads(value)
         except json.JSONDecodeError:
-            parsed = value
-        setattr(config, key, parsed)
-    if hasattr(config, "validate_chiar"):
-        try:
-            config.validate_chiar()
-        except ValueError as error:
-            raise ArgumentError(f"--config_overrides: {error}") from error
-    return config
+            values[key] = value
+    settings = {**config.to_dict(), **values}
+    derived = {"routed_operators": "router_target_fractions", "num_hidden_layers": "layer_schedule"}
+    for source, target in derived.items():
+        if source in values and target not in values and target in settings:
+            settings[target] = None
+    try:
+        return type(config).from_dict(settings)
+    except ValueError as error:
+        raise ArgumentError(f"--config_overrides: {error}") from error
+
+
+def _split_top_level(text):
+    """Split on commas outside brackets, so list values like routed_operators=["dct","attention"] stay whole."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [item for item in items + [current] if item.strip()]
 
 
 def prepare_training_args(training_args):
