@@ -40,6 +40,7 @@ def routing_report(routing, config):
       (0.375 for the default schedule at 25% routing: the paper's "62.5% fewer attention FLOPs").
     - attention_flops_fraction: attention FLOPs executed (Q/K/V/O projections, Q K^T, A V) over what the
       baseline executes on the same batch with the same attention implementation.
+    - total_flops_fraction: the same for the whole body (every operator, routing, FFNs).
     """
     first = routing[0]
     batch, length = first.operator_ids.shape
@@ -48,6 +49,11 @@ def routing_report(routing, config):
     fused = (config._attn_implementation or "eager") == "sdpa" and config.is_causal and token_mask is None
     baseline = len(routing) * full_attention_layer_flops(batch, length, config.hidden_size, config.is_causal, fused)
     executed = sum(record.attention_flops for record in routing)
+    # Whole body: each layer's token-operator sub-layer (routing included) plus its FFN, against the
+    # baseline's attention layer plus the same FFN. Embeddings and any head are left out.
+    ffn = 2 * linear_flops(batch * length, config.hidden_size, config.intermediate_size)
+    body = sum(record.operator_flops for record in routing) + len(routing) * ffn
+    body_baseline = baseline + len(routing) * ffn
     layers = []
     for record in routing:
         entropy = None
@@ -58,6 +64,7 @@ def routing_report(routing, config):
     return {
         "attention_query_fraction": sum(r.attention_queries for r in routing) / (len(routing) * max(real_tokens, 1)),
         "attention_flops_fraction": executed / baseline,
+        "total_flops_fraction": body / body_baseline,
         "attention_flops": executed,
         "baseline_attention_flops": baseline,
         "layers": layers,

@@ -128,13 +128,13 @@ class TokenMixer(nn.Module):
 
     def forward(self, x, ctx):
         batch, length, d = x.shape
-        coefficients = entropy = None
+        entropy = None
         flops = 0.0
-        if self.dct is not None or self.needs_entropy(ctx.output_routing):
-            coefficients = x.float() @ ctx.dct.T  # shared by the entropy and the DCT operator
-            flops += linear_flops(batch * length, d, d)
         if self.needs_entropy(ctx.output_routing):
-            entropy = spectral_entropy_from_coefficients(coefficients)
+            with torch.no_grad():  # routing reads the value only
+                entropy = spectral_entropy_from_coefficients(x.float() @ ctx.dct.T)
+            if self.needs_entropy(False):  # counted when routing needs it, not when only reported
+                flops += linear_flops(batch * length, d, d)
 
         decision = None
         if self.router is None:
@@ -158,7 +158,7 @@ class TokenMixer(nn.Module):
             if selected is not None and not bool(selected.any()) and (name == "dct" or ctx.cache is None):
                 continue  # nobody routed here: the operator costs nothing, not even its keys
             if name == "dct":
-                op_out, op_flops = self._run_dct(coefficients, ctx.dct, selected, x.dtype)
+                op_out, op_flops = self._run_dct(x, ctx.dct, selected)
             else:
                 op_out, op_flops, op_attn = self._run_mixing(name, x, ctx, selected)
                 if name == "attention":
@@ -187,14 +187,12 @@ class TokenMixer(nn.Module):
         aux_loss = decision.aux_loss if decision is not None else None
         return output, attentions, record, aux_loss
 
-    def _run_dct(self, coefficients, dct, selected, dtype):
-        d = coefficients.shape[-1]
+    def _run_dct(self, x, dct, selected):
+        d = x.shape[-1]
         if selected is None:
-            out = self.dct(coefficients, dct).to(dtype)
-            return out, linear_flops(out.shape[0] * out.shape[1], d, d)
-        rows = self.dct(coefficients[selected], dct).to(dtype)
-        out = torch.zeros(coefficients.shape, dtype=dtype, device=coefficients.device).index_put((selected,), rows)
-        return out, linear_flops(rows.shape[0], d, d)
+            return self.dct(x, dct), linear_flops(x.shape[0] * x.shape[1], d, d)
+        rows = self.dct(x[selected], dct)
+        return torch.zeros_like(x).index_put((selected,), rows), linear_flops(rows.shape[0], d, d)
 
     def _run_mixing(self, name, x, ctx, selected):
         """Attention or RBF for the selected tokens (or all), scattered back to (B, T, d)."""

@@ -16,11 +16,14 @@ def test_dct_mixing_is_identity_at_init_and_scales_frequencies():
     c = dct_matrix(d)
     op = DCTMixing(d)
     x = torch.randn(5, d)
-    torch.testing.assert_close(op(x @ c.T, c), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(op(x, c), x, atol=1e-5, rtol=0)
     with torch.no_grad():
         op.gain.zero_()
         op.gain[0] = 1.0  # keep only the DC component: every output entry becomes the mean of x
-    torch.testing.assert_close(op(x @ c.T, c), x.mean(-1, keepdim=True).expand_as(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(op(x, c), x.mean(-1, keepdim=True).expand_as(x), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        op.gain.copy_(torch.rand(d))  # one matmul with C^T diag(w) C equals transform, gain, inverse
+    torch.testing.assert_close(op(x, c), ((x @ c.T) * op.gain) @ c, atol=1e-5, rtol=0)
 
 
 def test_rbf_features_estimate_the_gaussian_kernel():
