@@ -2,9 +2,10 @@
 code, the tokenizer, and a model card, ready to upload as they are.
 
     chiar-export MODEL_DIR OUT_DIR [--tokenizer DIR] [--eval-results eval_results.json] [--dataset wikitext]
+                 [--routing-stats routing_stats/report.json]
     chiar-export MODEL_DIR OUT_DIR --repo-id user/name --push     # upload with huggingface_hub
 
-From Python: `save_for_hub(model, out_dir, tokenizer=..., evaluation=...)`.
+From Python: `save_for_hub(model, out_dir, tokenizer=..., evaluation=..., routing_statistics=...)`.
 """
 
 import argparse
@@ -18,22 +19,26 @@ from chiar.evaluation import routing_shares_from_metrics
 METRIC_NAMES = {"perplexity": "perplexity", "eval_loss": "loss", "eval_accuracy": "accuracy", "accuracy": "accuracy"}
 
 
-def save_for_hub(model, path, tokenizer=None, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None):
+def save_for_hub(model, path, tokenizer=None, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None,
+                 routing_statistics=None):
     """Write everything a Hub repository needs into `path`; return the path.
 
     evaluation: metrics as written by run_clm.py / run_classification.py (`eval_results.json`), whose
     routing shares and attention-FLOPs fraction go into the card when present.
+    routing_statistics: the report of `chiar-routing stats` (`report.json`, as a dict), summarised in
+    a "Routing statistics" section.
     """
     path = Path(path)
     model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    card = build_model_card(model, evaluation=evaluation, datasets=datasets, repo_id=repo_id, license=license, tags=tags)
+    card = build_model_card(model, evaluation=evaluation, datasets=datasets, repo_id=repo_id, license=license, tags=tags,
+                            routing_statistics=routing_statistics)
     card.save(path / "README.md")
     return path
 
 
-def build_model_card(model, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None):
+def build_model_card(model, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None, routing_statistics=None):
     config = model.config
     causal_lm = type(model).__name__.endswith("ForCausalLM")
     evaluation = dict(evaluation or {})
@@ -55,6 +60,8 @@ def build_model_card(model, evaluation=None, datasets=None, repo_id=None, licens
     ]
     if evaluation:
         sections.append(_evaluation(config, evaluation))
+    if routing_statistics:
+        sections.append(_routing_statistics(routing_statistics))
     sections.append(_usage(type(model).__name__, repo_id))
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
     return ModelCard(content)
@@ -109,6 +116,33 @@ def _evaluation(config, evaluation):
     return "\n".join(lines)
 
 
+def _routing_statistics(stats, top=10):
+    """Per-layer shares, attention share by token type and the tokens most often sent to attention,
+    from a `chiar-routing stats` report."""
+    lines = ["## Routing statistics", "",
+             f"Measured with `chiar-routing stats` over {stats['tokens']} tokens ({stats.get('sequences', '?')} sequences).", ""]
+    operators = [op for op in ("dct", "rbf", "attention") if any(op in layer["shares"] for layer in stats["layers"])]
+    lines += ["| layer | kind | " + " | ".join(operators) + " | mean entropy |", "|---" * (len(operators) + 3) + "|"]
+    for layer in stats["layers"]:
+        cells = [f"{layer['shares'][op]:.3f}" if op in layer["shares"] else "" for op in operators]
+        lines.append(f"| {layer['layer']} | {layer['kind']} | " + " | ".join(cells) + f" | {layer['mean_entropy']:.4f} |")
+    categories = stats.get("categories")
+    if categories:
+        overall = stats["attention_share"]["overall"]
+        lines += ["", f"Share of (token, routed layer) pairs sent to attention, by token type (all tokens: {overall:.3f}):", "",
+                  "| tokens | occurrences | attention share |", "|---|---|---|"]
+        for name in ("function_word", "punctuation", "other"):
+            if name in categories:
+                share = categories[name]["attention_share"]["overall"]
+                shown = "n/a" if share is None else f"{share:.3f}"
+                lines.append(f"| {name.replace('_', ' ')}s | {categories[name]['occurrences']} | {shown} |")
+    ranking = (stats.get("attention_tokens") or {}).get("most")
+    if ranking:
+        tokens = ", ".join(f"`{row['token']!r}` {row['share']:.2f} ({row['count']}x)" for row in ranking[:top])
+        lines += ["", f"Tokens most often sent to attention (seen at least {stats['attention_tokens']['min_count']} times): {tokens}."]
+    return "\n".join(lines)
+
+
 def _usage(class_name, repo_id):
     where = repo_id or "path/to/this/folder"
     auto = "AutoModelForCausalLM" if class_name.endswith("ForCausalLM") else "AutoModelForSequenceClassification"
@@ -141,6 +175,7 @@ def main(argv=None):
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model folder, if it has one)")
     parser.add_argument("--eval-results", type=Path, help="eval_results.json / all_results.json from run_clm.py or run_classification.py")
     parser.add_argument("--dataset", action="append", help="dataset name for the card (repeatable)")
+    parser.add_argument("--routing-stats", type=Path, help="report.json written by `chiar-routing stats`, summarised in the card")
     parser.add_argument("--repo-id", help="Hub repository id, used in the card and for --push")
     parser.add_argument("--push", action="store_true", help="upload the folder to --repo-id with huggingface_hub")
     parser.add_argument("--private", action="store_true")
@@ -160,7 +195,11 @@ def main(argv=None):
         if args.tokenizer:
             raise SystemExit(f"Cannot load the tokenizer {args.tokenizer!r}: {error}")
     evaluation = json.loads(args.eval_results.read_text()) if args.eval_results else None
-    path = save_for_hub(model, args.output, tokenizer=tokenizer, evaluation=evaluation, datasets=args.dataset, repo_id=args.repo_id)
+    if args.routing_stats and not args.routing_stats.is_file():
+        raise SystemExit(f"--routing-stats: file not found: {args.routing_stats}")
+    routing_statistics = json.loads(args.routing_stats.read_text(encoding="utf-8")) if args.routing_stats else None
+    path = save_for_hub(model, args.output, tokenizer=tokenizer, evaluation=evaluation, datasets=args.dataset, repo_id=args.repo_id,
+                        routing_statistics=routing_statistics)
     print(f"wrote {path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
     if args.push:
         if not args.repo_id:

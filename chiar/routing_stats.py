@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from chiar.routing_viz import OPERATOR_COLORS, load_model
+from chiar.routing_viz import OPERATOR_COLORS, eval_mode, load_model
 
 # Common English function words (articles, prepositions, conjunctions, pronouns, auxiliaries).
 FUNCTION_WORDS = frozenset(
@@ -354,8 +354,9 @@ def routing_statistics(model, tokenizer, documents, max_length=None, batch_size=
     sequences = encode_documents(tokenizer, documents, length)
     stats = RoutingStatistics(model.config)
     batches = make_batches(sequences, batch_size, pad_id_for(model, tokenizer))
-    for input_ids, mask, outputs in routed_passes(model, batches, progress=progress, desc="routing statistics"):
-        stats.add(input_ids, mask, outputs.routing)
+    with eval_mode(model):
+        for input_ids, mask, outputs in routed_passes(model, batches, progress=progress, desc="routing statistics"):
+            stats.add(input_ids, mask, outputs.routing)
     report = stats.report(tokenizer, min_count=min_count, top_k=top_k)
     report["max_length"] = length
     report["function_words"] = sorted(FUNCTION_WORDS)

@@ -11,6 +11,7 @@ token's entropy and its layer's thresholds on hover. Everything comes from the m
 records (`outputs.routing`), so the picture is exactly what the forward pass did.
 """
 
+import contextlib
 import html
 import math
 import os
@@ -33,10 +34,11 @@ FONT_FAMILY = ["DejaVu Sans Mono", "DejaVu Sans"]  # both ship with matplotlib; 
 
 def load_model(model, tokenizer=None, device=None):
     """(model, tokenizer) from a model object or a saved folder / Hub id; the tokenizer defaults to
-    the model's folder. The model is returned in eval mode: routing is only frozen in eval."""
+    the model's folder. A loaded model is in eval mode (routing thresholds are frozen in eval); a
+    model object is left in its mode, and the functions that run it switch to eval themselves."""
     if isinstance(model, (str, os.PathLike)):
         path = str(model)
-        model = _load_chiar_model(path)
+        model = _load_chiar_model(path).eval()
         if tokenizer is None:
             tokenizer = path
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -47,7 +49,18 @@ def load_model(model, tokenizer=None, device=None):
         raise TypeError(f"Expected a CHIAR model (model_type 'chiar'), got {getattr(model.config, 'model_type', type(model).__name__)!r}.")
     if device is not None:
         model = model.to(device)
-    return model.eval(), tokenizer
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run in eval mode (frozen thresholds, no dropout), then restore the caller's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _looks_local(path):
@@ -157,13 +170,8 @@ def route_text(model, tokenizer, text, max_length=None):
         raise ValueError(f"The tokenizer produced no tokens for {text[:40]!r}.")
     ids, dropped = _truncate(ids, model.config, max_length)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            outputs = model(torch.tensor([ids], device=device), output_routing=True)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        outputs = model(torch.tensor([ids], device=device), output_routing=True)
     return view_from_records(outputs.routing, model.config, text, ids, token_pieces(tokenizer, ids), dropped)
 
 
@@ -385,5 +393,5 @@ def render_routing(model, tokenizer, text, png_path=None, html_path=None, max_le
     return view
 
 
-__all__ = ["RoutingView", "load_model", "route_text", "render_routing", "routing_figure", "routing_html", "save_png",
+__all__ = ["RoutingView", "load_model", "eval_mode", "route_text", "render_routing", "routing_figure", "routing_html", "save_png",
            "save_html", "token_pieces", "OPERATOR_COLORS"]

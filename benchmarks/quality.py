@@ -1,0 +1,230 @@
+"""Quality of CHIAR against the full-attention model of the same shape: same data, seed and steps.
+
+Language modelling (`--task wikitext`, default): WikiText-2 from ../shared/data/wikitext-2 (or
+--data_dir), one byte-level BPE trained on its training split, v1 shape (4 layers, d=256, 4 heads,
+FFN 1024), blocks of 256 tokens. Variants: the baseline, CHIAR with the threshold router, the learned
+router, the random router at the same 25% attention share (the control), and the 3-operator CHIAR.
+Each trains for the same steps from the same seed; the script reports validation and test
+perplexity, the attention query / FLOP fractions executed on validation, training wall-clock time
+and per-layer routing shares, and plots validation perplexity against step and against attention
+FLOPs.
+
+Classification (`--task imdb` / `--task listops`): run_classification.py for the bidirectional
+CHIAR and the baseline, model selection on validation, accuracy on test.
+
+    python benchmarks/quality.py                          # quick CPU profile (about 40 min on 2 cores)
+    python benchmarks/quality.py --profile full           # GPU profile (full epochs)
+    python benchmarks/quality.py --task imdb              # IMDB, quick profile
+    python benchmarks/quality.py --task listops           # ListOps, quick profile
+
+Writes benchmarks/results/quality-<task>-<profile>.json and PNG plots next to it.
+"""
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from chiar.evaluation import RoutingAccumulator
+from chiar.training import train_tokenizer
+from modeling_chiar import ChiarConfig, ChiarForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+LM_VARIANTS = {
+    "baseline": dict(layer_schedule=["attention"] * 4),
+    "chiar-threshold": dict(),
+    "chiar-learned": dict(router_type="learned"),
+    "chiar-random": dict(router_type="random"),
+    "chiar-3op": dict(routed_operators=["dct", "rbf", "attention"]),
+}
+PROFILES = {
+    "quick": dict(steps=600, batch=8, eval_every=100, eval_blocks=64, final_blocks=256, vocab=8192, lr=1e-3),
+    "full": dict(steps=None, epochs=6, batch=32, eval_every=250, eval_blocks=None, final_blocks=None, vocab=16384, lr=1e-3),
+}
+BLOCK = 256
+
+
+def blocks(tokenizer, path, limit=None):
+    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"])
+    data = ids[: len(ids) // BLOCK * BLOCK].view(-1, BLOCK)
+    return data[:limit] if limit else data
+
+
+@torch.no_grad()
+def evaluate(model, data, batch, device, routing=False):
+    """Perplexity of `data` (the task loss, without the router's auxiliary loss) and routing metrics."""
+    model.eval()
+    accumulator = RoutingAccumulator(model.config) if routing else None
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(data), batch):
+        ids = data[start : start + batch].to(device)
+        out = model(ids, labels=ids, output_routing=routing)
+        loss = out.loss - (model.config.router_aux_loss_coef * out.aux_loss if out.aux_loss is not None else 0.0)
+        tokens = ids.numel() - ids.shape[0]
+        total_loss += float(loss) * tokens
+        total_tokens += tokens
+        if routing:
+            accumulator.add(out.routing)
+    model.train()
+    return math.exp(total_loss / total_tokens), (accumulator.metrics() if routing else {})
+
+
+def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dtype):
+    torch.manual_seed(0)
+    config = ChiarConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=BLOCK, **LM_VARIANTS[name])
+    model = ChiarForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
+    steps = settings["steps"] or settings["epochs"] * (len(train) // settings["batch"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    generator = torch.Generator().manual_seed(0)  # same batches for every variant
+    curve, train_seconds = [], 0.0
+    model.train()
+    for step in range(1, steps + 1):
+        batch = train[torch.randint(0, len(train), (settings["batch"],), generator=generator)].to(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - start
+        if step % settings["eval_every"] == 0 or step == steps:
+            ppl, _ = evaluate(model, valid[: settings["eval_blocks"]] if settings["eval_blocks"] else valid, 16, device)
+            curve.append({"step": step, "valid_perplexity": ppl, "train_loss": loss.item()})
+            print(f"  {name:16} step {step:>6}/{steps}  train loss {loss.item():.3f}  valid ppl {ppl:8.2f}", flush=True)
+    final = settings["final_blocks"]
+    valid_ppl, routing = evaluate(model, valid[:final] if final else valid, 16, device, routing=True)
+    test_ppl, _ = evaluate(model, test[:final] if final else test, 16, device)
+    return {
+        "model": name, "steps": steps, "train_seconds": train_seconds, "valid_perplexity": valid_ppl,
+        "test_perplexity": test_ppl, "curve": curve,
+        "attention_query_fraction": routing.get("attention_query_fraction"),
+        "attention_flops_fraction": routing.get("attention_flops_fraction"),
+        "routing": {k: v for k, v in routing.items() if k.startswith(("routing_layer", "entropy_layer"))},
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def plot(results, path_prefix, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots")
+        return []
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row in results:
+        axis.plot([p["step"] for p in row["curve"]], [p["valid_perplexity"] for p in row["curve"]], marker="o", ms=3, label=row["model"])
+    axis.set_xlabel("training step")
+    axis.set_ylabel("validation perplexity")
+    axis.set_yscale("log")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    curve_path = Path(f"{path_prefix}-curve.png")
+    figure.savefig(curve_path, dpi=120)
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for row in results:
+        axis.scatter(row["attention_flops_fraction"], row["valid_perplexity"], s=40)
+        axis.annotate(row["model"], (row["attention_flops_fraction"], row["valid_perplexity"]), textcoords="offset points", xytext=(5, 5))
+    axis.set_xlabel("attention FLOPs executed / full attention")
+    axis.set_ylabel("validation perplexity")
+    axis.set_title(title)
+    figure.tight_layout()
+    flops_path = Path(f"{path_prefix}-flops.png")
+    figure.savefig(flops_path, dpi=120)
+    plt.close("all")
+    return [str(curve_path.relative_to(ROOT)), str(flops_path.relative_to(ROOT))]
+
+
+def wikitext(args, settings, device, dtype):
+    folder = Path(args.data_dir or ROOT.parent / "shared" / "data") / "wikitext-2"
+    if not folder.is_dir():
+        raise SystemExit(f"WikiText-2 not found at {folder}: pass --data_dir (the folder holding wikitext-2/).")
+    train_text = (folder / "wiki.train.tokens").read_text(encoding="utf-8")
+    tokenizer = train_tokenizer((line for line in train_text.splitlines() if line.strip()), settings["vocab"])
+    train, valid, test = (blocks(tokenizer, folder / f"wiki.{s}.tokens") for s in ("train", "valid", "test"))
+    print(f"WikiText-2: {len(train)} / {len(valid)} / {len(test)} blocks of {BLOCK}; vocabulary {len(tokenizer)}")
+    results = []
+    for name in args.variants or list(LM_VARIANTS):
+        results.append(train_lm(name, settings, train, valid, test, len(tokenizer), tokenizer.pad_token_id, device, dtype))
+        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("curve", "routing")}), flush=True)
+    return results
+
+
+def classification(args, settings, task):
+    import run_classification
+
+    results = []
+    quick = args.profile == "quick"
+    for name, overrides in (("baseline", 'layer_schedule=["attention","attention","attention","attention"]'), ("chiar", "")):
+        out = RESULTS / f"runs-{task}-{args.profile}-{name}"
+        argv = ["--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+                "--per_device_train_batch_size", "16", "--num_train_epochs", "2" if quick else "5"]
+        if overrides:
+            argv += ["--config_overrides", overrides]
+        if task == "imdb":
+            data = Path(args.data_dir or ROOT.parent / "shared" / "data") / "imdb"
+            argv += ["--train_file", str(data / "train.jsonl.gz"), "--test_file", str(data / "test.jsonl.gz"),
+                     "--max_seq_length", "512" if not quick else "256"]
+            if quick:
+                argv += ["--max_train_samples", "4000", "--max_eval_samples", "1000", "--max_predict_samples", "2000"]
+        else:
+            argv += ["--dataset_name", "listops", "--listops_dir", str(RESULTS / f"listops-{args.profile}")]
+            if quick:
+                argv += ["--listops_num_train", "4000", "--listops_num_val", "500", "--listops_num_test", "500",
+                         "--listops_min_length", "100", "--listops_max_length", "300", "--max_seq_length", "512"]
+        start = time.perf_counter()
+        run_classification.main(argv)
+        test = json.loads((out / "test_results.json").read_text())
+        evaluation = json.loads((out / "eval_results.json").read_text())
+        results.append({"model": name, "test_accuracy": test["test_accuracy"], "valid_accuracy": evaluation["eval_accuracy"],
+                        "attention_flops_fraction": test.get("test_attention_flops_fraction"),
+                        "attention_query_fraction": test.get("test_attention_query_fraction"),
+                        "wall_seconds": time.perf_counter() - start})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description="CHIAR vs full attention: quality at equal data, seed and steps.")
+    parser.add_argument("--task", choices=["wikitext", "imdb", "listops"], default="wikitext")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--steps", type=int, help="override the profile's training steps (wikitext)")
+    parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
+    parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    settings = dict(PROFILES[args.profile])
+    if args.steps:
+        settings["steps"] = args.steps
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    results = wikitext(args, settings, device, dtype) if args.task == "wikitext" else classification(args, settings, args.task)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    prefix = RESULTS / f"quality-{args.task}-{args.profile}"
+    plots = plot(results, prefix, f"WikiText-2, v1 shape, {settings['steps'] or 'full'} steps") if args.task == "wikitext" else []
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
+              "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "plots": plots, "results": results}
+    Path(f"{prefix}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {prefix}.json")
+
+
+if __name__ == "__main__":
+    main()

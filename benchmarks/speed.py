@@ -1,0 +1,173 @@
+"""Speed, memory and executed FLOPs of CHIAR against the full-attention model of the same shape.
+
+v1 shape: 4 layers, d=256, 4 heads, FFN 1024. For each sequence length, every variant runs the
+model body (`ChiarModel`) and the causal LM with an 8,192-token vocabulary (a 50k head would
+dominate a 4-layer model and hide the operators), forward only (eval, inference mode) and
+forward+backward (train mode, dropout off). Variants are timed in interleaved rounds
+(A B C D A B C D ...), the first round is warm-up, and the table reports median tokens/s and the
+ratio to the baseline from the same rounds. Memory: peak allocated on GPU; on CPU, the bytes of
+tensors saved for backward (activation memory), which is what routing changes. FLOP fractions come
+from the model's own accounting (`routing_report`) on the same inputs.
+
+    python benchmarks/speed.py                    # quick profile (CPU): T = 256, 1024, 4096
+    python benchmarks/speed.py --profile full     # GPU: T = 256, 1024, 4096, 16384, bf16
+
+Results go to benchmarks/results/speed-<device>.json.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from modeling_chiar import ChiarConfig, ChiarForCausalLM, ChiarModel, routing_report
+
+PROFILES = {
+    "quick": dict(lengths=[256, 1024, 4096], tokens_per_batch=4096, rounds=5),
+    "full": dict(lengths=[256, 1024, 4096, 16384], tokens_per_batch=32768, rounds=7),
+}
+VARIANTS = {
+    "baseline": dict(layer_schedule=["attention"] * 4),
+    "chiar-threshold": dict(),
+    "chiar-random": dict(router_type="random"),
+    "chiar-3op": dict(routed_operators=["dct", "rbf", "attention"]),
+}
+VOCAB = 8192
+
+
+def build(model_class, variant, max_length, device, dtype):
+    torch.manual_seed(0)
+    config = ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max_length, **VARIANTS[variant])
+    model = model_class._from_config(config, attn_implementation="sdpa").to(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(1)
+    model.train()  # calibrate threshold routers to their 25% target before timing
+    with torch.no_grad():
+        for _ in range(6):
+            model(torch.randint(0, VOCAB, (4, 256), generator=generator).to(device))
+    return model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(model, ids, backward):
+    if backward:
+        model.train()
+        out = model(ids)
+        value = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        value.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+        with torch.inference_mode():
+            model(ids)
+
+
+def saved_activation_bytes(model, ids):
+    """Bytes of distinct tensor storages autograd saves for the backward pass."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids)
+        value = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        value.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def peak_memory(model, ids, backward, device):
+    if device.type != "cuda":
+        return saved_activation_bytes(model, ids) if backward else None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    run_once(model, ids, backward)
+    sync(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="CHIAR vs full attention: tokens/s, memory and executed FLOPs.")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--targets", nargs="+", default=["body", "lm"], choices=["body", "lm"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    settings = dict(PROFILES[args.profile])
+    if args.lengths:
+        settings["lengths"] = args.lengths
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    max_length = max(settings["lengths"])
+
+    rows = []
+    for target in args.targets:
+        model_class = ChiarModel if target == "body" else ChiarForCausalLM
+        models = {name: build(model_class, name, max_length, device, dtype) for name in args.variants}
+        for length in settings["lengths"]:
+            batch = max(1, settings["tokens_per_batch"] // length)
+            ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length)).to(device)
+            fractions = {}
+            for name, model in models.items():
+                model.eval()
+                with torch.inference_mode():
+                    routing = model(ids, output_routing=True).routing
+                fractions[name] = routing_report(routing, model.config)
+            for backward in (False, True):
+                times = {name: [] for name in models}
+                for round_index in range(settings["rounds"] + 1):
+                    for name, model in models.items():
+                        sync(device)
+                        start = time.perf_counter()
+                        run_once(model, ids, backward)
+                        sync(device)
+                        if round_index:  # round 0 is warm-up
+                            times[name].append(time.perf_counter() - start)
+                base = statistics.median(times["baseline"]) if "baseline" in times else None
+                base_memory = peak_memory(models["baseline"], ids, backward, device) if "baseline" in models else None
+                for name, model in models.items():
+                    median = statistics.median(times[name])
+                    memory = peak_memory(model, ids, backward, device)
+                    report = fractions[name]
+                    row = {
+                        "target": target, "length": length, "batch": batch, "mode": "fwd+bwd" if backward else "fwd",
+                        "model": name, "tokens_per_s": batch * length / median,
+                        "speedup_vs_baseline": base / median if base else None,
+                        "memory_bytes": memory, "memory_vs_baseline": (memory / base_memory) if memory and base_memory else None,
+                        "attention_query_fraction": report["attention_query_fraction"],
+                        "attention_flops_fraction": report["attention_flops_fraction"],
+                        "total_flops_fraction": report["total_flops_fraction"],
+                        "attention_shares": [layer["shares"].get("attention", 0.0) for layer in report["layers"]],
+                        "seconds_all_rounds": times[name],
+                    }
+                    rows.append(row)
+                    print(f"{target:4} T={length:>5} {row['mode']:7} {name:16} {row['tokens_per_s']:10.0f} tok/s "
+                          f"x{row['speedup_vs_baseline']:.2f}  attn-FLOPs {row['attention_flops_fraction']:.3f} "
+                          f"total-FLOPs {row['total_flops_fraction']:.3f}"
+                          + (f"  mem x{row['memory_vs_baseline']:.2f}" if row["memory_vs_baseline"] else ""), flush=True)
+        del models
+
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    result = {"benchmark": "speed", "profile": args.profile, "device": machine, "dtype": str(dtype), "torch": torch.__version__,
+              "shape": "4 layers, d=256, 4 heads, FFN 1024; LM vocabulary 8192", "settings": settings, "rows": rows}
+    output = args.output or Path(__file__).parent / "results" / f"speed-{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

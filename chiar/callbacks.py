@@ -1,0 +1,114 @@
+"""A Trainer callback that keeps an eye on routing while a CHIAR model trains.
+
+    trainer = ChiarTrainer(..., callbacks=[RoutingLoggingCallback()])
+
+At each evaluation it
+- logs the per-layer operator shares and mean entropies that `ChiarTrainer` already put in the eval
+  metrics (`eval_routing_layer{i}_{op}`, `eval_entropy_layer{i}`), and appends them to
+  `{output_dir}/routing/history.jsonl`, so the routing of a run can be followed over time;
+- renders a fixed sample text (see `chiar.routing_viz`) to `{output_dir}/routing/step-{N}.png`,
+  and to TensorBoard (`add_figure`) when tensorboard is installed (skipped quietly otherwise).
+
+Only the main process renders; the model is put back in the mode it was in.
+"""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from chiar.routing_viz import route_text, routing_figure
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_TEXT = (
+    "The light falls where detail is needed, and the dark keeps the rest. In 1905, Einstein published "
+    "four papers; the third introduced special relativity."
+)
+_METRIC = re.compile(r"^(?:[a-z]+_)?(routing_layer(\d+)_(\w+)|entropy_layer(\d+))$")
+
+
+def routing_metrics(metrics):
+    """{layer: {"shares": {op: share}, "mean_entropy": h}} from flat eval metrics (any prefix)."""
+    layers = {}
+    for key, value in (metrics or {}).items():
+        match = _METRIC.match(key)
+        if not match:
+            continue
+        if match.group(2) is not None:
+            layers.setdefault(int(match.group(2)), {}).setdefault("shares", {})[match.group(3)] = value
+        else:
+            layers.setdefault(int(match.group(4)), {})["mean_entropy"] = value
+    return dict(sorted(layers.items()))
+
+
+def _summary_writer(log_dir):
+    """A TensorBoard SummaryWriter, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises ImportError when the tensorboard package is missing
+        return None
+    return SummaryWriter(log_dir=log_dir)
+
+
+class RoutingLoggingCallback(TrainerCallback):
+    """Log routing shares and entropy at each evaluation, and render a sample text (PNG, TensorBoard)."""
+
+    def __init__(self, sample_text=SAMPLE_TEXT, tokenizer=None, subdir="routing", tensorboard=True, max_length=256):
+        self.sample_text = sample_text
+        self.tokenizer = tokenizer
+        self.subdir = subdir
+        self.tensorboard = tensorboard
+        self.max_length = max_length
+        self._writer = None
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / self.subdir
+        folder.mkdir(parents=True, exist_ok=True)
+        layers = routing_metrics(metrics)
+        if layers:
+            logger.info("routing at step %d:\n%s", state.global_step, format_layers(layers))
+            with open(folder / "history.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.global_step, "layers": {str(k): v for k, v in layers.items()}}) + "\n")
+        tokenizer = self.tokenizer or processing_class or kwargs.get("tokenizer")
+        if model is None or tokenizer is None or not hasattr(tokenizer, "decode"):
+            return
+        self.render(getattr(model, "module", model), tokenizer, folder / f"step-{state.global_step}.png", args, state.global_step)
+
+    def render(self, model, tokenizer, path, args, step):
+        """Route the sample text, save the PNG, and add the figure to TensorBoard when available."""
+        view = route_text(model, tokenizer, self.sample_text, max_length=self.max_length)
+        figure = routing_figure(view)
+        figure.savefig(path)
+        writer = self._get_writer(args)
+        if writer is not None:
+            writer.add_figure("routing/sample_text", figure, global_step=step)
+            writer.flush()
+
+    def _get_writer(self, args):
+        if self._writer is None and self.tensorboard:
+            self._writer = _summary_writer(getattr(args, "logging_dir", None) or str(Path(args.output_dir) / "runs"))
+            if self._writer is None:
+                self.tensorboard = False  # not installed: do not try again
+        return self._writer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def format_layers(layers):
+    lines = []
+    for layer, values in layers.items():
+        shares = ", ".join(f"{op} {share:.3f}" for op, share in values.get("shares", {}).items())
+        entropy = values.get("mean_entropy")
+        lines.append(f"  layer {layer}: {shares}" + (f"; mean entropy {entropy:.4f}" if entropy is not None else ""))
+    return "\n".join(lines)
+
+
+__all__ = ["RoutingLoggingCallback", "routing_metrics", "SAMPLE_TEXT"]
