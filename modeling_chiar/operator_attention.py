@@ -141,7 +141,7 @@ class RoutedAttention(nn.Module):
             return output, attentions, flops + kernel_flops
 
         key_positions = torch.arange(total, device=x.device)
-        outputs, weights = [], []
+        outputs = []
         for start, end in query_blocks(num_queries):
             block_index = query_index[:, start:end] + offset
             # Causal: no query of this block sees past its last query, so later keys are never computed.
