@@ -1,0 +1,66 @@
+"""Markdown tables from the JSON results the benchmark scripts write (what docs/benchmarks.md shows).
+
+    python benchmarks/tables.py benchmarks/results/speed-cpu.json benchmarks/results/generation-cpu.json \
+        benchmarks/results/quality-wikitext-quick.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def speed(result):
+    lines = [f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; {result['shape']}.", "",
+             "| target | T | batch | mode | model | tokens/s | vs baseline | attention FLOPs | total FLOPs | attention query share | memory vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        memory = f"{row['memory_vs_baseline']:.2f}" if row.get("memory_vs_baseline") else "n/a"
+        lines.append(
+            f"| {row['target']} | {row['length']} | {row['batch']} | {row['mode']} | {row['model']} | {row['tokens_per_s']:,.0f} | "
+            f"{row['speedup_vs_baseline']:.2f}x | {row['attention_flops_fraction']:.3f} | {row['total_flops_fraction']:.3f} | "
+            f"{row['attention_query_fraction']:.3f} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def generation(result):
+    lines = [f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; {result['shape']}; "
+             f"batch {result['settings']['batch']}.", "",
+             "| context | decoding | model | tokens/s | vs baseline |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['context']} | {'cached' if row['cached'] else 'uncached'} | {row['model']} | "
+                     f"{row['tokens_per_s']:,.1f} | {row['speedup_vs_baseline']:.2f}x |")
+    return "\n".join(lines)
+
+
+def quality(result):
+    if result["task"] != "wikitext":
+        lines = [f"Device: {result['device']}; task {result['task']}, profile {result['profile']}.", "",
+                 "| model | valid accuracy | test accuracy | attention FLOPs | wall-clock (s) |", "|---|---|---|---|---|"]
+        for row in result["results"]:
+            flops = f"{row['attention_flops_fraction']:.3f}" if row.get("attention_flops_fraction") is not None else "n/a"
+            lines.append(f"| {row['model']} | {row['valid_accuracy']:.4f} | {row['test_accuracy']:.4f} | {flops} | {row['wall_seconds']:.0f} |")
+        return "\n".join(lines)
+    settings = result["settings"]
+    lines = [f"Device: {result['device']}, torch {result['torch']}; {settings['steps']} steps of batch {settings['batch']} x 256 tokens, "
+             f"BPE vocabulary {settings['vocab']}; total wall-clock {result['wall_seconds'] / 60:.1f} min.", "",
+             "| model | valid ppl | test ppl | attention FLOPs | attention queries | train time (s) | attention share per layer |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["results"]:
+        shares = [row["routing"].get(f"routing_layer{i}_attention", 0.0) for i in range(4)]
+        lines.append(f"| {row['model']} | {row['valid_perplexity']:.2f} | {row['test_perplexity']:.2f} | "
+                     f"{row['attention_flops_fraction']:.3f} | {row['attention_query_fraction']:.3f} | {row['train_seconds']:.0f} | "
+                     + ", ".join(f"{s:.2f}" for s in shares) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    for path in sys.argv[1:]:
+        result = json.loads(Path(path).read_text())
+        print(f"### {path}\n")
+        print({"speed": speed, "generation": generation, "quality": quality}[result["benchmark"]](result))
+        print()
+
+
+if __name__ == "__main__":
+    main()
