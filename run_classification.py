@@ -37,6 +37,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_chiar  # noqa: F401  (registers CHIAR with the Auto classes)
+from chiar.callbacks import RoutingLoggingCallback
 from chiar.training import (
     ArgumentError,
     ChiarTrainer,
@@ -224,6 +225,7 @@ def main(argv=None):
         return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
     trainer = ChiarTrainer(
+        callbacks=[RoutingLoggingCallback()],  # per-layer shares and a rendering at each evaluation
         model=model,
         args=training_args,
         train_dataset=train_dataset,

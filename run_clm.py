@@ -38,6 +38,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_chiar  # noqa: F401  (registers CHIAR with the Auto classes)
+from chiar.callbacks import RoutingLoggingCallback
 from chiar.training import (
     ArgumentError,
     ChiarTrainer,
@@ -201,6 +202,7 @@ def main(argv=None):
             raise ArgumentError(f"the {name} split has fewer than block_size={block_size} tokens.")
 
     trainer = ChiarTrainer(
+        callbacks=[RoutingLoggingCallback()],  # per-layer shares and a rendering at each evaluation
         model=model,
         args=training_args,
         train_dataset=train_dataset,

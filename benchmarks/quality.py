@@ -12,7 +12,7 @@ FLOPs.
 Classification (`--task imdb` / `--task listops`): run_classification.py for the bidirectional
 CHIAR and the baseline, model selection on validation, accuracy on test.
 
-    python benchmarks/quality.py                          # quick CPU profile (about 40 min on 2 cores)
+    python benchmarks/quality.py                          # quick CPU profile (about 30 min on 2 cores)
     python benchmarks/quality.py --profile full           # GPU profile (full epochs)
     python benchmarks/quality.py --task imdb              # IMDB, quick profile
     python benchmarks/quality.py --task listops           # ListOps, quick profile
@@ -43,7 +43,7 @@ LM_VARIANTS = {
     "chiar-3op": dict(routed_operators=["dct", "rbf", "attention"]),
 }
 PROFILES = {
-    "quick": dict(steps=600, batch=8, eval_every=100, eval_blocks=64, final_blocks=256, vocab=8192, lr=1e-3),
+    "quick": dict(steps=200, batch=8, eval_every=50, eval_blocks=32, final_blocks=96, vocab=8192, lr=1e-3),
     "full": dict(steps=None, epochs=6, batch=32, eval_every=250, eval_blocks=None, final_blocks=None, vocab=16384, lr=1e-3),
 }
 BLOCK = 256

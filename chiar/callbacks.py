@@ -63,6 +63,7 @@ class RoutingLoggingCallback(TrainerCallback):
         self.tensorboard = tensorboard
         self.max_length = max_length
         self._writer = None
+        self._disabled = False
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
         if not state.is_world_process_zero:
@@ -75,9 +76,13 @@ class RoutingLoggingCallback(TrainerCallback):
             with open(folder / "history.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state.global_step, "layers": {str(k): v for k, v in layers.items()}}) + "\n")
         tokenizer = self.tokenizer or processing_class or kwargs.get("tokenizer")
-        if model is None or tokenizer is None or not hasattr(tokenizer, "decode"):
+        if self._disabled or model is None or tokenizer is None or not hasattr(tokenizer, "decode"):
             return
-        self.render(getattr(model, "module", model), tokenizer, folder / f"step-{state.global_step}.png", args, state.global_step)
+        try:
+            self.render(getattr(model, "module", model), tokenizer, folder / f"step-{state.global_step}.png", args, state.global_step)
+        except ImportError as error:  # matplotlib missing: keep training, say so once
+            logger.warning("RoutingLoggingCallback cannot render the sample text (%s); install matplotlib.", error)
+            self._disabled = True
 
     def render(self, model, tokenizer, path, args, step):
         """Route the sample text, save the PNG, and add the figure to TensorBoard when available."""

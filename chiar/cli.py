@@ -122,8 +122,11 @@ def run_stats(args):
     for layer in report["layers"]:
         shares = ", ".join(f"{op} {s:.3f}" for op, s in layer["shares"].items())
         print(f"layer {layer['layer']} ({layer['kind']}): {shares}; mean entropy {layer['mean_entropy']:.4f}")
-    for name, category in report.get("categories", {}).items():
-        print(f"attention share of {name.replace('_', ' ')}s: {category['attention_share']['overall']}")
+    if report.get("categories"):
+        print(f"attention share of all tokens: {report['attention_share']['overall']:.4f}")
+        for name, category in report["categories"].items():
+            share = category["attention_share"]["overall"]
+            print(f"  {name.replace('_', ' '):<14} {'n/a' if share is None else f'{share:.4f}'} ({category['occurrences']} tokens)")
     print(f"{report['tokens']} tokens -> {path}")
 
 

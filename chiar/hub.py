@@ -131,12 +131,13 @@ def _routing_statistics(stats, top=10):
         overall = stats["attention_share"]["overall"]
         lines += ["", f"Share of (token, routed layer) pairs sent to attention, by token type (all tokens: {overall:.3f}):", "",
                   "| tokens | occurrences | attention share |", "|---|---|---|"]
-        for name in ("function_word", "punctuation", "other"):
+        labels = {"function_word": "function words", "punctuation": "punctuation", "other": "other tokens"}
+        for name, label in labels.items():
             if name in categories:
                 share = categories[name]["attention_share"]["overall"]
                 shown = "n/a" if share is None else f"{share:.3f}"
-                lines.append(f"| {name.replace('_', ' ')}s | {categories[name]['occurrences']} | {shown} |")
-    ranking = (stats.get("attention_tokens") or {}).get("most")
+                lines.append(f"| {label} | {categories[name]['occurrences']} | {shown} |")
+    ranking = [row for row in (stats.get("attention_tokens") or {}).get("most", []) if row["share"] > 0]
     if ranking:
         tokens = ", ".join(f"`{row['token']!r}` {row['share']:.2f} ({row['count']}x)" for row in ranking[:top])
         lines += ["", f"Tokens most often sent to attention (seen at least {stats['attention_tokens']['min_count']} times): {tokens}."]

@@ -18,7 +18,6 @@ import json
 import math
 import string
 import unicodedata
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -455,6 +454,7 @@ def plot_attention_by_token(report, path):
     for i, b in enumerate(buckets):
         left.text(i, 0, f"n={b['occurrences']}", ha="center", va="bottom", fontsize=7, rotation=90)
     left.set_xlabel("occurrences of the token in the analysed data")
+    left.tick_params(axis="x", rotation=30)
     left.set_title("Attention share by token frequency", fontsize=10)
     categories = report["categories"]
     labels = [c.replace("_", " ") for c in categories]

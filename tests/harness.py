@@ -103,7 +103,7 @@ def tiny_tokenizer(vocab_size=97):
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<eos>"], show_progress=False,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()[:40],
+        initial_alphabet=sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())[:40],  # sorted: the set's order varies by process
     )
     tokenizer.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")

@@ -150,3 +150,29 @@ def test_push_to_hub_uploads_code_and_weights(monkeypatch):
     assert created == ["someone/chiar-tiny"]
     assert {"config.json", "model.safetensors", "modeling_chiar.py", "routing.py", "cache.py"} <= set(uploaded)
     assert set(json.loads(uploaded["config.json"])["auto_map"]) >= {"AutoModelForCausalLM", "AutoConfig"}
+
+
+def test_model_card_summarises_routing_statistics(tmp_path):
+    from chiar.routing_stats import routing_statistics, write_report
+
+    tokenizer = tiny_tokenizer()
+    model = calibrated_lm(tokenizer)
+    texts = ["the light falls where detail is needed, and the dark keeps the rest", "a small model routes each token"] * 3
+    stats = routing_statistics(model, tokenizer, texts, min_count=2)
+    report = write_report(stats, tmp_path / "stats")
+    export_main([_saved(model, tokenizer, tmp_path), str(tmp_path / "export"), "--routing-stats", str(report)])
+    text = (tmp_path / "export" / "README.md").read_text()
+    assert "## Routing statistics" in text and f"over {stats['tokens']} tokens" in text
+    assert f"| 1 | routed | {stats['layers'][1]['shares']['dct']:.3f} |" in text
+    for name in ("function words", "punctuation", "other tokens"):
+        assert f"| {name} |" in text
+    assert f"{stats['attention_tokens']['most'][0]['token']!r}" in text
+    card = save_for_hub(model, tmp_path / "api", routing_statistics=stats)
+    assert "## Routing statistics" in (card / "README.md").read_text()
+    assert "## Routing statistics" not in (save_for_hub(model, tmp_path / "plain") / "README.md").read_text()
+
+
+def _saved(model, tokenizer, tmp_path):
+    model.save_pretrained(tmp_path / "trained")
+    tokenizer.save_pretrained(tmp_path / "trained")
+    return str(tmp_path / "trained")
