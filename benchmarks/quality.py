@@ -208,6 +208,7 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tag", default="", help="suffix for the result files (keeps an earlier run's files)")
     args = parser.parse_args()
     settings = dict(PROFILES[args.profile])
     if args.steps:
@@ -217,7 +218,7 @@ def main():
     started = time.perf_counter()
     results = wikitext(args, settings, device, dtype) if args.task == "wikitext" else classification(args, settings, args.task)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    prefix = RESULTS / f"quality-{args.task}-{args.profile}"
+    prefix = RESULTS / f"quality-{args.task}-{args.profile}{'-' + args.tag if args.tag else ''}"
     plots = plot(results, prefix, f"WikiText-2, v1 shape, {settings['steps'] or 'full'} steps") if args.task == "wikitext" else []
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
