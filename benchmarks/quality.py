@@ -167,6 +167,9 @@ def wikitext(args, settings, device, dtype):
 
 
 def classification(args, settings, task):
+    import sys
+
+    sys.path.insert(0, str(ROOT))  # run_classification.py lives at the repository root
     import run_classification
 
     results = []
