@@ -15,7 +15,7 @@ from chiar.routing_viz import display_label, render_routing, route_text, token_p
 from modeling_chiar import ChiarForCausalLM
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TEXT = "the light falls where detail is needed & the dark keeps <the rest>"
+TEXT = "the light falls where detail is needed & the dark keeps <the rest><eos>"
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,8 @@ def test_render_writes_a_png_and_an_html_page_that_names_every_token(tmp_path, m
         decoded = tokenizer.decode([token_id])
         assert view.tokens[i] == decoded
         assert f'">{html.escape(display_label(decoded))}</div>' in page
-    assert "<unk>" in view.tokens and "&lt;unk&gt;" in page and "<unk>" not in page  # escaped, not markup
+    # Special tokens are escaped, not markup (the page shows "&lt;eos&gt;", never a tag).
+    assert "<eos>" in view.tokens and "&lt;eos&gt;" in page and "<eos>" not in page
     # hover: each (token, layer) cell carries the token's entropy and the layer's thresholds
     thresholds = model.model.layers[1].mixer.router.thresholds.tolist()
     tip = f"entropy {view.entropy[1][3]:.5f} · thresholds {thresholds[0]:.5f}, {thresholds[1]:.5f}"
