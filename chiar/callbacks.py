@@ -14,11 +14,11 @@ Only the main process renders; the model is put back in the mode it was in.
 
 import json
 import logging
-import re
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from chiar.evaluation import routing_metrics
 from chiar.routing_viz import route_text, routing_figure
 
 logger = logging.getLogger(__name__)
@@ -27,23 +27,6 @@ SAMPLE_TEXT = (
     "The light falls where detail is needed, and the dark keeps the rest. In 1905, Einstein published "
     "four papers; the third introduced special relativity."
 )
-_METRIC = re.compile(r"^(?:[a-z]+_)?(routing_layer(\d+)_(\w+)|entropy_layer(\d+))$")
-
-
-def routing_metrics(metrics):
-    """{layer: {"shares": {op: share}, "mean_entropy": h}} from flat eval metrics (any prefix)."""
-    layers = {}
-    for key, value in (metrics or {}).items():
-        match = _METRIC.match(key)
-        if not match:
-            continue
-        if match.group(2) is not None:
-            layers.setdefault(int(match.group(2)), {}).setdefault("shares", {})[match.group(3)] = value
-        else:
-            layers.setdefault(int(match.group(4)), {})["mean_entropy"] = value
-    return dict(sorted(layers.items()))
-
-
 def _summary_writer(log_dir):
     """A TensorBoard SummaryWriter, or None when tensorboard is not installed."""
     try:

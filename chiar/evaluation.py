@@ -6,7 +6,7 @@ Per routed quantity the keys are (prefix omitted): `attention_query_fraction`,
 records (`outputs.routing`) and FLOP accounting (`modeling_chiar.flops`).
 """
 
-from collections import defaultdict
+import re
 
 import torch
 
@@ -63,13 +63,18 @@ class RoutingAccumulator:
         return out
 
 
-def routing_shares_from_metrics(metrics, num_layers):
-    """{layer: {operator: share}} back from flat metrics (with or without an `eval_`/`test_` prefix)."""
-    shares = defaultdict(dict)
-    for key, value in metrics.items():
-        name = key.split("_", 1)[1] if key.startswith(("eval_", "test_")) else key
-        if name.startswith("routing_layer"):
-            layer, op = name[len("routing_layer") :].split("_", 1)
-            if int(layer) < num_layers:
-                shares[int(layer)][op] = value
-    return dict(shares)
+_METRIC = re.compile(r"^(?:[a-z]+_)?(routing_layer(\d+)_(\w+)|entropy_layer(\d+))$")
+
+
+def routing_metrics(metrics):
+    """{layer: {"shares": {op: share}, "mean_entropy": h}} from flat eval metrics (any prefix)."""
+    layers = {}
+    for key, value in (metrics or {}).items():
+        match = _METRIC.match(key)
+        if not match:
+            continue
+        if match.group(2) is not None:
+            layers.setdefault(int(match.group(2)), {}).setdefault("shares", {})[match.group(3)] = value
+        else:
+            layers.setdefault(int(match.group(4)), {})["mean_entropy"] = value
+    return dict(sorted(layers.items()))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from chiar.evaluation import routing_shares_from_metrics
+from chiar.evaluation import routing_metrics
 
 METRIC_NAMES = {"perplexity": "perplexity", "eval_loss": "loss", "eval_accuracy": "accuracy", "accuracy": "accuracy"}
 
@@ -101,7 +101,8 @@ def _evaluation(config, evaluation):
         value = evaluation[key]
         if isinstance(value, (int, float)) and "routing_layer" not in key and "entropy_layer" not in key:
             lines.append(f"| {key} | {value:.4g} |")
-    shares = routing_shares_from_metrics(evaluation, config.num_hidden_layers)
+    shares = {layer: entry["shares"] for layer, entry in routing_metrics(evaluation).items()
+              if "shares" in entry and layer < config.num_hidden_layers}
     if shares:
         operators = [op for op in ("dct", "rbf", "attention") if any(op in s for s in shares.values())]
         lines += ["", "Routing shares of real tokens per layer, on the evaluation set:", "",

@@ -145,7 +145,6 @@ def test_bad_arguments_fail_at_start_with_a_clear_message(tmp_path, change, mess
         value = str(tmp_path / value)
         if value.endswith(".parquet"):
             Path(value).write_bytes(b"")
-    argv[argv.index(flag) + 1] if flag in argv else None
     argv = argv + [flag, value] if flag not in argv else [value if i == argv.index(flag) + 1 else a for i, a in enumerate(argv)]
     with pytest.raises(SystemExit, match=message):
         run_clm.main(argv)
