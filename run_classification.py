@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import sys
 from dataclasses import dataclass, field
 
@@ -76,9 +77,9 @@ class DataTrainingArguments:
     label_column_name: str = field(default="label")
     max_seq_length: int | None = field(default=None, metadata={"help": "Default 512, or 2048 for ListOps."})
     validation_split_percentage: int = field(default=10, metadata={"help": "Held out of train when there is no validation split."})
-    max_train_samples: int | None = field(default=None)
-    max_eval_samples: int | None = field(default=None)
-    max_predict_samples: int | None = field(default=None)
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep a seeded random subset of this size."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep a seeded random subset of this size."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep a seeded random subset of this size."})
     preprocessing_num_workers: int | None = field(default=None)
     overwrite_cache: bool = field(default=False)
     listops_dir: str | None = field(default=None, metadata={"help": "Where ListOps is written (default OUTPUT_DIR/listops-data)."})
@@ -213,9 +214,16 @@ def main(argv=None):
                           remove_columns=raw[next(iter(raw))].column_names, load_from_cache_file=not data_args.overwrite_cache,
                           desc="Tokenizing")
 
+    def subset_rows(split, limit):
+        """Seeded random rows, in order: the first rows of a split can be one class (IMDB's are sorted by label)."""
+        size = len(encoded[split])
+        if limit is None or limit >= size:
+            return range(size)
+        return sorted(random.Random(training_args.seed).sample(range(size), limit))
+
     def limited(split, limit):
-        data = encoded[split]
-        return data.select(range(min(limit, len(data)))) if limit is not None else data
+        rows = subset_rows(split, limit)
+        return encoded[split] if len(rows) == len(encoded[split]) else encoded[split].select(rows)
 
     train_dataset = limited("train", data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = limited("validation", data_args.max_eval_samples) if (training_args.do_eval or training_args.do_train) else None
@@ -258,7 +266,8 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
             predicted = np.argmax(logits, axis=-1)
-            texts = raw["test"][text_column][: len(predicted)]
+            column = raw["test"][text_column]
+            texts = [column[row] for row in subset_rows("test", data_args.max_predict_samples)]
             with open(os.path.join(training_args.output_dir, "test_predictions.jsonl"), "w") as handle:
                 for index, (text, label, gold) in enumerate(zip(texts, predicted, output.label_ids)):
                     record = {"index": index, "prediction": config.id2label[int(label)], "label": config.id2label[int(gold)], "text": text[:200]}

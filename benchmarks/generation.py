@@ -46,7 +46,7 @@ def build(name, max_length, device, dtype):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(4):
-            model(torch.randint(0, 8192, (2, 256), generator=generator).to(device))
+            model(torch.randint(0, 8192, (2, min(256, max_length)), generator=generator).to(device))
     return model.eval()
 
 
@@ -86,15 +86,29 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--rounds", type=int, help="override the profile's timed rounds")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     settings = dict(PROFILES[args.profile])
     if args.lengths:
         settings["lengths"] = args.lengths
+    if args.rounds:
+        settings["rounds"] = args.rounds
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     max_length = max(settings["lengths"]) + settings["steps"] + 8
     models = {name: build(name, max_length, device, dtype) for name in args.variants}
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    output = args.output or Path(__file__).parent / "results" / f"generation-{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(complete):  # after every context length, so a run stopped early still leaves its rows
+        result = {
+            "benchmark": "generation", "profile": args.profile, "device": machine, "dtype": str(dtype),
+            "torch": torch.__version__, "settings": settings, "shape": "4 layers, d=256, 4 heads, FFN 1024, vocab 8192",
+            "complete": complete, "rows": rows,
+        }
+        output.write_text(json.dumps(result, indent=2) + "\n")
 
     rows = []
     for length in settings["lengths"]:
@@ -118,16 +132,8 @@ def main():
                 })
                 print(f"T={length:>6} {'cached  ' if cached else 'uncached'} {name:13} {1.0 / median:9.1f} tok/s"
                       + (f"  x{base / median:.2f} vs baseline" if base else ""), flush=True)
-
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    result = {
-        "benchmark": "generation", "profile": args.profile, "device": machine, "dtype": str(dtype),
-        "torch": torch.__version__, "settings": settings, "shape": "4 layers, d=256, 4 heads, FFN 1024, vocab 8192",
-        "rows": rows,
-    }
-    output = args.output or Path(__file__).parent / "results" / f"generation-{device.type}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+        write(complete=False)
+    write(complete=True)
     print(f"wrote {output}")
 
 

@@ -25,6 +25,7 @@ import json
 import math
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -151,7 +152,7 @@ def plot(results, path_prefix, title):
     return [str(curve_path.relative_to(ROOT)), str(flops_path.relative_to(ROOT))]
 
 
-def wikitext(args, settings, device, dtype):
+def wikitext(args, settings, device, dtype, save):
     folder = Path(args.data_dir or ROOT.parent / "shared" / "data") / "wikitext-2"
     if not folder.is_dir():
         raise SystemExit(f"WikiText-2 not found at {folder}: pass --data_dir (the folder holding wikitext-2/).")
@@ -163,10 +164,11 @@ def wikitext(args, settings, device, dtype):
     for name in args.variants or list(LM_VARIANTS):
         results.append(train_lm(name, settings, train, valid, test, len(tokenizer), tokenizer.pad_token_id, device, dtype))
         print(json.dumps({k: v for k, v in results[-1].items() if k not in ("curve", "routing")}), flush=True)
+        save(results, complete=False)
     return results
 
 
-def classification(args, settings, task):
+def classification(args, settings, task, save):
     import sys
 
     sys.path.insert(0, str(ROOT))  # run_classification.py lives at the repository root
@@ -195,11 +197,14 @@ def classification(args, settings, task):
         run_classification.main(argv)
         test = json.loads((out / "test_results.json").read_text())
         evaluation = json.loads((out / "eval_results.json").read_text())
+        labels = [json.loads(line)["label"] for line in (out / "test_predictions.jsonl").read_text().splitlines()]
         results.append({"model": name, "test_accuracy": test["test_accuracy"], "valid_accuracy": evaluation["eval_accuracy"],
+                        "test_majority_class_accuracy": max(Counter(labels).values()) / len(labels),
                         "attention_flops_fraction": test.get("test_attention_flops_fraction"),
                         "attention_query_fraction": test.get("test_attention_query_fraction"),
                         "wall_seconds": time.perf_counter() - start})
         print(json.dumps(results[-1]), flush=True)
+        save(results, complete=False)
     return results
 
 
@@ -208,6 +213,7 @@ def main():
     parser.add_argument("--task", choices=["wikitext", "imdb", "listops"], default="wikitext")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--steps", type=int, help="override the profile's training steps (wikitext)")
+    parser.add_argument("--epochs", type=int, help="override the full profile's epochs (wikitext)")
     parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -216,17 +222,30 @@ def main():
     settings = dict(PROFILES[args.profile])
     if args.steps:
         settings["steps"] = args.steps
+    if args.epochs:
+        settings["epochs"] = args.epochs
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
-    results = wikitext(args, settings, device, dtype) if args.task == "wikitext" else classification(args, settings, args.task)
     RESULTS.mkdir(parents=True, exist_ok=True)
     prefix = RESULTS / f"quality-{args.task}-{args.profile}{'-' + args.tag if args.tag else ''}"
-    plots = plot(results, prefix, f"WikiText-2, v1 shape, {settings['steps'] or 'full'} steps") if args.task == "wikitext" else []
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
-              "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "plots": plots, "results": results}
-    Path(f"{prefix}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def save(results, complete):  # after every variant, so a run stopped early still leaves its results
+        plots = []
+        if complete and args.task == "wikitext":
+            length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']} epochs"
+            plots = plot(results, prefix, f"WikiText-2, v1 shape, {length}")
+        record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
+                  "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "complete": complete,
+                  "plots": plots, "results": results}
+        Path(f"{prefix}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    if args.task == "wikitext":
+        results = wikitext(args, settings, device, dtype, save)
+    else:
+        results = classification(args, settings, args.task, save)
+    save(results, complete=True)
     print(f"wrote {prefix}.json")
 
 

@@ -47,7 +47,7 @@ def build(model_class, variant, max_length, device, dtype):
     model.train()  # calibrate threshold routers to their 25% target before timing
     with torch.no_grad():
         for _ in range(6):
-            model(torch.randint(0, VOCAB, (4, 256), generator=generator).to(device))
+            model(torch.randint(0, VOCAB, (4, min(256, max_length)), generator=generator).to(device))
     return model
 
 
@@ -104,14 +104,26 @@ def main():
     parser.add_argument("--targets", nargs="+", default=["body", "lm"], choices=["body", "lm"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--rounds", type=int, help="override the profile's timed rounds")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     settings = dict(PROFILES[args.profile])
     if args.lengths:
         settings["lengths"] = args.lengths
+    if args.rounds:
+        settings["rounds"] = args.rounds
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     max_length = max(settings["lengths"])
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    output = args.output or Path(__file__).parent / "results" / f"speed-{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(complete):  # after every length, so a run stopped early still leaves its rows
+        result = {"benchmark": "speed", "profile": args.profile, "device": machine, "dtype": str(dtype), "torch": torch.__version__,
+                  "shape": "4 layers, d=256, 4 heads, FFN 1024; LM vocabulary 8192", "settings": settings,
+                  "complete": complete, "rows": rows}
+        output.write_text(json.dumps(result, indent=2) + "\n")
 
     rows = []
     for target in args.targets:
@@ -158,14 +170,9 @@ def main():
                           f"x{row['speedup_vs_baseline']:.2f}  attn-FLOPs {row['attention_flops_fraction']:.3f} "
                           f"total-FLOPs {row['total_flops_fraction']:.3f}"
                           + (f"  mem x{row['memory_vs_baseline']:.2f}" if row["memory_vs_baseline"] else ""), flush=True)
+            write(complete=False)
         del models
-
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    result = {"benchmark": "speed", "profile": args.profile, "device": machine, "dtype": str(dtype), "torch": torch.__version__,
-              "shape": "4 layers, d=256, 4 heads, FFN 1024; LM vocabulary 8192", "settings": settings, "rows": rows}
-    output = args.output or Path(__file__).parent / "results" / f"speed-{device.type}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write(complete=True)
     print(f"wrote {output}")
 
 

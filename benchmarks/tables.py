@@ -9,8 +9,12 @@ import sys
 from pathlib import Path
 
 
+def incomplete(result):
+    return "" if result.get("complete", True) else " **Incomplete: the run was stopped at its time bound; these are the rows it finished.**"
+
+
 def speed(result):
-    lines = [f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; {result['shape']}.", "",
+    lines = [f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; {result['shape']}.{incomplete(result)}", "",
              "| target | T | batch | mode | model | tokens/s | vs baseline | attention FLOPs | total FLOPs | attention query share | memory vs baseline |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
@@ -25,7 +29,7 @@ def speed(result):
 
 def generation(result):
     lines = [f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; {result['shape']}; "
-             f"batch {result['settings']['batch']}.", "",
+             f"batch {result['settings']['batch']}.{incomplete(result)}", "",
              "| context | decoding | model | tokens/s | vs baseline |", "|---|---|---|---|---|"]
     for row in result["rows"]:
         lines.append(f"| {row['context']} | {'cached' if row['cached'] else 'uncached'} | {row['model']} | "
@@ -35,15 +39,20 @@ def generation(result):
 
 def quality(result):
     if result["task"] != "wikitext":
-        lines = [f"Device: {result['device']}; task {result['task']}, profile {result['profile']}.", "",
-                 "| model | valid accuracy | test accuracy | attention FLOPs | wall-clock (s) |", "|---|---|---|---|---|"]
+        lines = [f"Device: {result['device']}; task {result['task']}, profile {result['profile']}.{incomplete(result)}", "",
+                 "| model | valid accuracy | test accuracy | test majority class | attention FLOPs | attention queries | wall-clock (s) |",
+                 "|---|---|---|---|---|---|---|"]
         for row in result["results"]:
             flops = f"{row['attention_flops_fraction']:.3f}" if row.get("attention_flops_fraction") is not None else "n/a"
-            lines.append(f"| {row['model']} | {row['valid_accuracy']:.4f} | {row['test_accuracy']:.4f} | {flops} | {row['wall_seconds']:.0f} |")
+            queries = f"{row['attention_query_fraction']:.3f}" if row.get("attention_query_fraction") is not None else "n/a"
+            majority = f"{row['test_majority_class_accuracy']:.4f}" if "test_majority_class_accuracy" in row else "n/a"
+            lines.append(f"| {row['model']} | {row['valid_accuracy']:.4f} | {row['test_accuracy']:.4f} | {majority} | {flops} | "
+                         f"{queries} | {row['wall_seconds']:.0f} |")
         return "\n".join(lines)
     settings = result["settings"]
-    lines = [f"Device: {result['device']}, torch {result['torch']}; {settings['steps']} steps of batch {settings['batch']} x 256 tokens, "
-             f"BPE vocabulary {settings['vocab']}; total wall-clock {result['wall_seconds'] / 60:.1f} min.", "",
+    length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']} epochs"
+    lines = [f"Device: {result['device']}, torch {result['torch']}; {length} of batch {settings['batch']} x 256 tokens, "
+             f"BPE vocabulary {settings['vocab']}; total wall-clock {result['wall_seconds'] / 60:.1f} min.{incomplete(result)}", "",
              "| model | valid ppl | test ppl | attention FLOPs | attention queries | train time (s) | attention share per layer |",
              "|---|---|---|---|---|---|---|"]
     for row in result["results"]:
@@ -54,11 +63,23 @@ def quality(result):
     return "\n".join(lines)
 
 
+def device_check(result):
+    lines = [f"Device: {result['device']}, torch {result['torch']}; {len(result['rows'])} variants; "
+             + ("all checks passed." if not result["failures"] else f"failures: {result['failures']}."), "",
+             "| variant | causality (eval / train) | cache = no cache | routing = CPU's | logits vs CPU | bf16 LM / classifier step |",
+             "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['variant']} | {row['causality_eval']:.1e} / {row['causality_train']:.1e} | {row['cache_equals_no_cache']} | "
+                     f"{row['routing_agreement_with_cpu']:.3f} | {row['max_logit_gap_to_cpu']:.1e} | "
+                     f"{row['bf16_lm_step_finite']} / {row['bf16_classifier_step_finite']} |")
+    return "\n".join(lines)
+
+
 def main():
     for path in sys.argv[1:]:
         result = json.loads(Path(path).read_text())
         print(f"### {path}\n")
-        print({"speed": speed, "generation": generation, "quality": quality}[result["benchmark"]](result))
+        print({"speed": speed, "generation": generation, "quality": quality, "device_check": device_check}[result["benchmark"]](result))
         print()
 
 

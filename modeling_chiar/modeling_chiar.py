@@ -157,18 +157,23 @@ class TokenMixer(nn.Module):
             selected = None if every_token else ids == k
             if selected is not None and not bool(selected.any()) and (name == "dct" or ctx.cache is None):
                 continue  # nobody routed here: the operator costs nothing, not even its keys
+            # Routed tokens are written straight into `output` (each token has one operator);
+            # an operator that sees every token returns its full output, which is added.
             if name == "dct":
-                op_out, op_flops = self._run_dct(x, ctx.dct, selected)
+                op_out, op_flops = self._run_dct(x, ctx.dct, selected, output)
             else:
-                op_out, op_flops, op_attn = self._run_mixing(name, x, ctx, selected)
+                op_out, op_flops, op_attn = self._run_mixing(name, x, ctx, selected, output)
                 if name == "attention":
                     attentions = op_attn
                     attention_flops = op_flops
                     real = torch.ones_like(ids, dtype=torch.bool) if ctx.token_mask is None else ctx.token_mask
                     attention_queries = int(real.sum()) if selected is None else int((selected & real).sum())
-            if soft:
-                op_out = op_out * decision.weights[..., k : k + 1].to(op_out.dtype)
-            output = output + op_out
+            if selected is not None:
+                output = op_out
+            else:
+                if soft:
+                    op_out = op_out * decision.weights[..., k : k + 1].to(op_out.dtype)
+                output = output + op_out
             flops += op_flops
         if decision is not None and decision.weights is not None and not soft:
             # Learned router: the chosen operator's output times p / p.detach(), 1 in value, for the gradient.
@@ -187,15 +192,16 @@ class TokenMixer(nn.Module):
         aux_loss = decision.aux_loss if decision is not None else None
         return output, attentions, record, aux_loss
 
-    def _run_dct(self, x, dct, selected):
+    def _run_dct(self, x, dct, selected, output):
+        """DCT mixing of every token (returned), or of the selected ones (written into `output`)."""
         d = x.shape[-1]
         if selected is None:
             return self.dct(x, dct), linear_flops(x.shape[0] * x.shape[1], d, d)
-        rows = self.dct(x[selected], dct)
-        return torch.zeros_like(x).index_put((selected,), rows), linear_flops(rows.shape[0], d, d)
+        rows = self.dct(x[selected], dct)  # under autocast, in the autocast dtype: cast to output's
+        return output.index_put_((selected,), rows.to(output.dtype)), linear_flops(rows.shape[0], d, d)
 
-    def _run_mixing(self, name, x, ctx, selected):
-        """Attention or RBF for the selected tokens (or all), scattered back to (B, T, d)."""
+    def _run_mixing(self, name, x, ctx, selected, output):
+        """Attention or RBF for every token (returned), or the selected ones (added into `output`)."""
         operator = self.attention if name == "attention" else self.rbf
         index = valid = None
         if selected is not None:
@@ -206,9 +212,9 @@ class TokenMixer(nn.Module):
             (out, flops), attn = operator(x, index, ctx.token_mask, ctx.cache), None
         if index is None:
             return out, flops, attn
-        out = out * valid[..., None].to(out.dtype)
-        scattered = torch.zeros_like(x).scatter_add(1, index[..., None].expand(-1, -1, x.shape[-1]), out)
-        return scattered, flops, attn
+        # Filler slots (valid False) hold other operators' tokens: they add zero there.
+        out = (out * valid[..., None].to(out.dtype)).to(output.dtype)
+        return output.scatter_add_(1, index[..., None].expand(-1, -1, x.shape[-1]), out), flops, attn
 
 
 class ChiarMLP(nn.Module):

@@ -7,9 +7,11 @@ pay for the masked-out upper triangle that a causal kernel would skip anyway.
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .flops import attention_kernel_flops, linear_flops
@@ -57,6 +59,20 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
+
+
+def masked_sdpa_kernels(implementation, device):
+    """Kernels for SDPA calls with an explicit mask (routed query blocks): any but cuDNN on CUDA.
+
+    Since torch 2.11, cuDNN is SDPA's first choice on H100/H200. With a mask it returns NaN query
+    gradients when the key count is 64 mod 128 (pytorch/pytorch#196678): CHIAR training went NaN
+    within 5 steps on an H200. Its calls were also slow to plan for shapes it had not seen, and a
+    calibrating threshold router changes the block shapes at every step: 0.5 s training steps at
+    4,096 tokens against 0.04 s with the random router (docs/benchmarks.md, GPU section).
+    """
+    if implementation == "sdpa" and device.type == "cuda":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return nullcontext()
 
 
 def query_blocks(num_queries, min_block=32, max_blocks=16):
@@ -141,22 +157,29 @@ class RoutedAttention(nn.Module):
             return output, attentions, flops + kernel_flops
 
         key_positions = torch.arange(total, device=x.device)
+        blocks = query_blocks(num_queries)
+        # Causal: no query of a block sees past the block's last position, so later keys are never
+        # computed. The blocks' key counts are read in one device sync, not one per block.
+        if self.is_causal:
+            last = query_index.cummax(dim=1).values[:, [end - 1 for _, end in blocks]].amax(dim=0)
+            key_counts = (last + offset + 1).tolist()
+        else:
+            key_counts = [total] * len(blocks)
         outputs = []
-        for start, end in query_blocks(num_queries):
+        for (start, end), num_keys in zip(blocks, key_counts):
             block_index = query_index[:, start:end] + offset
-            # Causal: no query of this block sees past its last query, so later keys are never computed.
-            num_keys = int(block_index.max()) + 1 if self.is_causal else total
             allowed = self._mask(block_index, key_positions[:num_keys], key_mask)
-            output, _ = attention_fn(
-                self,
-                queries[:, :, start:end],
-                keys[:, :, :num_keys],
-                values[:, :, :num_keys],
-                allowed[:, None],
-                dropout=dropout,
-                scaling=self.scaling,
-                is_causal=False,
-            )
+            with masked_sdpa_kernels(implementation, x.device):
+                output, _ = attention_fn(
+                    self,
+                    queries[:, :, start:end],
+                    keys[:, :, :num_keys],
+                    values[:, :, :num_keys],
+                    allowed[:, None],
+                    dropout=dropout,
+                    scaling=self.scaling,
+                    is_causal=False,
+                )
             flops += attention_kernel_flops(batch, end - start, num_keys, d, causal=False)
             outputs.append(output)
         output = self.o_proj(torch.cat(outputs, dim=1).reshape(batch, num_queries, d))

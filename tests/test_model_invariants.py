@@ -91,3 +91,16 @@ def test_tokens_only_run_the_operator_they_were_routed_to(variant):
             routed = int((record.operator_ids == k).sum())
             expected = 40 if (soft and len(record.operators) > 1) or len(record.operators) == 1 else routed
             assert seen.get((i, name), 0) == expected, (i, name, seen, routed)
+
+
+@pytest.mark.parametrize("model_class", [ChiarForCausalLM, ChiarForSequenceClassification])
+def test_bf16_autocast_forward_and_backward(variant, model_class):
+    """Mixed precision (how GPUs train): operators return the autocast dtype and must merge with fp32."""
+    model = build(model_class, variant, attn_implementation="sdpa").train()
+    ids = random_ids(2, 24, seed=5)
+    labels = ids if model_class is ChiarForCausalLM else torch.tensor([0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from modeling_chiar.operator_attention import RotaryEmbedding, RoutedAttention
+from modeling_chiar.operator_attention import RotaryEmbedding, RoutedAttention, masked_sdpa_kernels
 from modeling_chiar.operator_dct import DCTMixing
 from modeling_chiar.operator_rbf import RBFMixing
 from modeling_chiar.spectral import dct_matrix
@@ -111,3 +111,15 @@ def test_attention_on_selected_queries_equals_dense_attention(implementation, ca
     index = torch.stack([torch.randperm(length)[: max(1, length // 4)].sort().values for _ in range(2)])
     selected, _, _ = op(x, rope, query_index=index)
     torch.testing.assert_close(selected, dense.gather(1, index[..., None].expand(-1, -1, 32)), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_sdpa_calls_avoid_cudnn_on_cuda_only():
+    """cuDNN's masked SDPA backward returns NaN (pytorch#196678): routed blocks must not reach it on CUDA."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with masked_sdpa_kernels("sdpa", torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    for implementation, device in (("sdpa", torch.device("cpu")), ("eager", torch.device("cuda"))):
+        with masked_sdpa_kernels(implementation, device):
+            assert torch.backends.cuda.cudnn_sdp_enabled() == before

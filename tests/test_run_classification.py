@@ -57,6 +57,19 @@ def test_imdb_shaped_run_selects_on_validation_and_writes_test_predictions(tmp_p
     assert model.config.is_causal is False and model.config.num_labels == 2  # bidirectional by default
 
 
+def test_sample_limits_take_a_random_subset_of_label_sorted_data(tmp_path):
+    """IMDB's splits are sorted by label: `--max_*_samples` must not keep only the first class."""
+    data = write_sentiment(tmp_path / "data", n_test=80)
+    rows = sorted((json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()), key=lambda r: r["label"])
+    (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_classification.main(common(tmp_path, "--train_file", str(data / "train.jsonl"), "--test_file", str(data / "test.jsonl"),
+                                   "--max_predict_samples", "30", "--num_train_epochs", "1"))
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 30 and {p["label"] for p in predictions} == {"0", "1"}
+    by_text = {row["text"][:200]: str(row["label"]) for row in rows}
+    assert all(by_text[p["text"]] == p["label"] for p in predictions)  # each text printed beside its own label
+
+
 def test_listops_generated_run(tmp_path):
     run_classification.main(common(
         tmp_path, "--dataset_name", "listops", "--listops_num_train", "160", "--listops_num_val", "40",

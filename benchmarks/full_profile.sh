@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU full profile, one after another: device checks, speed, WikiText-2 quality, decoding.
+#
+#   bash benchmarks/full_profile.sh                          # from the repository root, on a GPU machine
+#   DATA_DIR=/data STAGE_SECONDS="60 150 290 100" bash benchmarks/full_profile.sh
+#
+# DATA_DIR holds wikitext-2/ (default ../shared/data). STAGE_SECONDS, when set, bounds each of the four
+# stages in seconds (for a machine lent for a fixed time): each script writes its JSON after every
+# length or variant, so a stage stopped at its bound still leaves what it measured, marked
+# "complete": false. RESULTS_COPY, when set, is a folder the result files are copied into at the end.
+# Extra arguments for a stage: SPEED_ARGS, QUALITY_ARGS, GENERATION_ARGS.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+DATA_DIR=${DATA_DIR:-../shared/data}
+read -r -a LIMITS <<< "${STAGE_SECONDS:-0 0 0 0}"
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
+
+stage() {  # stage SECONDS COMMAND...: run it, bounded when SECONDS > 0; never stop the whole run
+  local seconds=$1; shift
+  echo "=== $(date -u +%T) $*"
+  if [ "$seconds" -gt 0 ]; then timeout --signal=INT --kill-after=10 "$seconds" "$@"; else "$@"; fi
+  echo "=== exit $? after ${SECONDS}s in all"
+}
+
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
+'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+stage "${LIMITS[0]}" python3 benchmarks/device_check.py --output "$RESULTS/device-check-cuda.json"
+stage "${LIMITS[1]}" python3 benchmarks/speed.py --profile full ${SPEED_ARGS:-}
+stage "${LIMITS[2]}" python3 benchmarks/quality.py --profile full --data_dir "$DATA_DIR" ${QUALITY_ARGS:-}
+stage "${LIMITS[3]}" python3 benchmarks/generation.py --profile full ${GENERATION_ARGS:-}
+
+if [ -n "${RESULTS_COPY:-}" ]; then
+  cp "$RESULTS"/device-check-cuda.json "$RESULTS"/speed-cuda.json "$RESULTS"/generation-cuda.json \
+     "$RESULTS"/quality-wikitext-full*.json "$RESULTS"/quality-wikitext-full*.png "$RESULTS_COPY"/ 2>/dev/null
+  ls -la "$RESULTS_COPY"
+fi
