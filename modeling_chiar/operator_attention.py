@@ -166,10 +166,10 @@ class RoutedAttention(nn.Module):
         else:
             key_counts = [total] * len(blocks)
         outputs = []
-        for (start, end), num_keys in zip(blocks, key_counts):
-            block_index = query_index[:, start:end] + offset
-            allowed = self._mask(block_index, key_positions[:num_keys], key_mask)
-            with masked_sdpa_kernels(implementation, x.device):
+        with masked_sdpa_kernels(implementation, x.device):
+            for (start, end), num_keys in zip(blocks, key_counts):
+                block_index = query_index[:, start:end] + offset
+                allowed = self._mask(block_index, key_positions[:num_keys], key_mask)
                 output, _ = attention_fn(
                     self,
                     queries[:, :, start:end],
@@ -180,8 +180,8 @@ class RoutedAttention(nn.Module):
                     scaling=self.scaling,
                     is_causal=False,
                 )
-            flops += attention_kernel_flops(batch, end - start, num_keys, d, causal=False)
-            outputs.append(output)
+                flops += attention_kernel_flops(batch, end - start, num_keys, d, causal=False)
+                outputs.append(output)
         output = self.o_proj(torch.cat(outputs, dim=1).reshape(batch, num_queries, d))
         return output, None, flops
 

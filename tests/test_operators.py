@@ -123,3 +123,35 @@ def test_masked_sdpa_calls_avoid_cudnn_on_cuda_only():
     for implementation, device in (("sdpa", torch.device("cpu")), ("eager", torch.device("cuda"))):
         with masked_sdpa_kernels(implementation, device):
             assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_every_masked_sdpa_call_of_routed_attention_runs_under_the_kernel_choice(monkeypatch):
+    """The operator, not just the helper: each SDPA call with a mask happens inside `masked_sdpa_kernels`."""
+    import contextlib
+
+    import modeling_chiar.operator_attention as attention_module
+
+    active, calls = [False], []
+
+    @contextlib.contextmanager
+    def recording_kernels(implementation, device):
+        active[0] = True
+        yield
+        active[0] = False
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is not None, active[0]))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "masked_sdpa_kernels", recording_kernels)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    config = tiny_config()
+    config._attn_implementation = "sdpa"
+    op = RoutedAttention(config, layer_idx=0).eval()
+    x = torch.randn(2, 200, 32)
+    rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(200).expand(2, 200), x.dtype)
+    op(x, rope, query_index=torch.stack([torch.randperm(200)[:60].sort().values for _ in range(2)]))
+    masked = [inside for has_mask, inside in calls if has_mask]
+    assert len(masked) >= 2 and all(masked), calls
