@@ -508,7 +508,10 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             router = layer.mixer.router
             if isinstance(router, ThresholdRouter):
                 train_score = router.score(record.entropy, positions)
-                router.update(train_score, token_mask, router.score(eval_record.entropy, eval_positions), eval_mask)
+                if eval_record is record:  # no dropout: eval would see these very scores
+                    router.update(train_score, token_mask)
+                else:
+                    router.update(train_score, token_mask, router.score(eval_record.entropy, eval_positions), eval_mask)
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache=None):
         """Validate the inputs with clear errors.

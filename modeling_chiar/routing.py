@@ -80,21 +80,27 @@ class ThresholdRouter(KeepsFP32Buffers):
         return RoutingDecision(operator_ids=ids)
 
     @torch.no_grad()
-    def update(self, train_score, train_mask, eval_score, eval_mask):
-        """Move both threshold sets towards this batch's quantiles of `score` (a cumulative mean, then an EMA)."""
+    def update(self, train_score, train_mask, eval_score=None, eval_mask=None):
+        """Move both threshold sets towards this batch's quantiles of `score` (a cumulative mean, then an EMA).
+
+        Without dropout, eval sees what training sees: `eval_score=None` reuses the training quantiles.
+        """
         if not self.calibrate:
             return
+        train_quantiles = self._quantiles(train_score, train_mask)
+        eval_quantiles = train_quantiles if eval_score is None else self._quantiles(eval_score, eval_mask)
+        if train_quantiles is None or eval_quantiles is None:
+            return  # no real token in this batch (or its eval slice)
         rate = max(1.0 / (int(self.num_updates) + 1), self.momentum)
-        for buffer, entropy, mask in (
-            (self.train_thresholds, train_score, train_mask),
-            (self.thresholds, eval_score, eval_mask),
-        ):
-            values = entropy.flatten() if mask is None else entropy[mask]
-            if values.numel() == 0:
-                return
-            levels = torch.tensor(self.quantile_levels, device=values.device)
-            buffer.lerp_(torch.quantile(values.float(), levels).to(buffer.device), rate)
+        self.train_thresholds.lerp_(train_quantiles.to(self.train_thresholds.device), rate)
+        self.thresholds.lerp_(eval_quantiles.to(self.thresholds.device), rate)
         self.num_updates += 1
+
+    def _quantiles(self, score, mask):
+        values = score.flatten() if mask is None else score[mask]
+        if values.numel() == 0:
+            return None
+        return torch.quantile(values.float(), torch.tensor(self.quantile_levels, device=values.device))
 
 
 class GateRouter(KeepsFP32Buffers):
