@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the harness lives in tests/
+from common import default_device, describe_device  # noqa: E402
 from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification  # noqa: E402
 from tests.harness import VARIANTS, build, random_ids  # noqa: E402
 
@@ -111,7 +112,7 @@ def bf16_training_stays_finite(device, steps=60):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -149,7 +150,7 @@ def main():
     print(f"bf16 training, v1 shape, 60 steps: " + ("finite" if non_finite_step is None else f"NOT finite at step {non_finite_step}"))
     if non_finite_step is not None:
         failures.append(f"bf16 training went non-finite at step {non_finite_step}")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device_name = describe_device(device)
     record = {"benchmark": "device_check", "device": device_name, "torch": torch.__version__, "failures": failures,
               "bf16_training_non_finite_step": non_finite_step, "rows": rows}
     if args.output:

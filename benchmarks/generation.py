@@ -14,15 +14,13 @@ tokens/s over rounds and the ratio to the baseline measured in the same rounds.
 Writes JSON (and prints a table) to benchmarks/results/generation-<device>.json unless --output is given.
 """
 
-import argparse
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from common import RESULTS, describe_device, timing_parser, timing_settings
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 
 PROFILES = {
@@ -80,26 +78,12 @@ def time_decoding(model, prompt, steps, cached, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="CHIAR vs full attention: decoding tokens/s, cached and uncached.")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    parser.add_argument("--lengths", type=int, nargs="+")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
-    parser.add_argument("--rounds", type=int, help="override the profile's timed rounds")
-    parser.add_argument("--output", type=Path)
-    args = parser.parse_args()
-    settings = dict(PROFILES[args.profile])
-    if args.lengths:
-        settings["lengths"] = args.lengths
-    if args.rounds:
-        settings["rounds"] = args.rounds
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    args = timing_parser("CHIAR vs full attention: decoding tokens/s, cached and uncached.", PROFILES, VARIANTS).parse_args()
+    settings, device, dtype = timing_settings(args, PROFILES)
     max_length = max(settings["lengths"]) + settings["steps"] + 8
     models = {name: build(name, max_length, device, dtype) for name in args.variants}
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    output = args.output or Path(__file__).parent / "results" / f"generation-{device.type}.json"
+    machine = describe_device(device)
+    output = args.output or RESULTS / f"generation-{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
 
     def write(complete):  # after every context length, so a run stopped early still leaves its rows

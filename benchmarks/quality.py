@@ -23,7 +23,6 @@ Writes benchmarks/results/quality-<task>-<profile>.json and PNG plots next to it
 import argparse
 import json
 import math
-import platform
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,10 +31,10 @@ import torch
 
 from chiar.evaluation import RoutingAccumulator
 from chiar.training import train_tokenizer
+from common import RESULTS, default_device, describe_device
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 LM_VARIANTS = {
     "baseline": dict(layer_schedule=["attention"] * 4),
     "chiar-threshold": dict(),
@@ -216,7 +215,7 @@ def main():
     parser.add_argument("--epochs", type=int, help="override the full profile's epochs (wikitext)")
     parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--tag", default="", help="suffix for the result files (keeps an earlier run's files)")
     args = parser.parse_args()
     settings = dict(PROFILES[args.profile])
@@ -229,7 +228,7 @@ def main():
     started = time.perf_counter()
     RESULTS.mkdir(parents=True, exist_ok=True)
     prefix = RESULTS / f"quality-{args.task}-{args.profile}{'-' + args.tag if args.tag else ''}"
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    machine = describe_device(device)
 
     def save(results, complete):  # after every variant, so a run stopped early still leaves its results
         plots = []

@@ -15,15 +15,13 @@ from the model's own accounting (`routing_report`) on the same inputs.
 Results go to benchmarks/results/speed-<device>.json.
 """
 
-import argparse
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from common import RESULTS, describe_device, timing_parser, timing_settings
 from modeling_chiar import ChiarConfig, ChiarForCausalLM, ChiarModel, routing_report
 
 PROFILES = {
@@ -97,26 +95,13 @@ def peak_memory(model, ids, backward, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="CHIAR vs full attention: tokens/s, memory and executed FLOPs.")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    parser.add_argument("--lengths", type=int, nargs="+")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser = timing_parser("CHIAR vs full attention: tokens/s, memory and executed FLOPs.", PROFILES, VARIANTS)
     parser.add_argument("--targets", nargs="+", default=["body", "lm"], choices=["body", "lm"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
-    parser.add_argument("--rounds", type=int, help="override the profile's timed rounds")
-    parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    settings = dict(PROFILES[args.profile])
-    if args.lengths:
-        settings["lengths"] = args.lengths
-    if args.rounds:
-        settings["rounds"] = args.rounds
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    settings, device, dtype = timing_settings(args, PROFILES)
     max_length = max(settings["lengths"])
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    output = args.output or Path(__file__).parent / "results" / f"speed-{device.type}.json"
+    machine = describe_device(device)
+    output = args.output or RESULTS / f"speed-{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
 
     def write(complete):  # after every length, so a run stopped early still leaves its rows
