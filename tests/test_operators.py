@@ -113,6 +113,33 @@ def test_attention_on_selected_queries_equals_dense_attention(implementation, ca
     torch.testing.assert_close(selected, dense.gather(1, index[..., None].expand(-1, -1, 32)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_on_selected_queries_has_the_dense_gradient(implementation, causal):
+    """Several query blocks, each seeing a prefix of the keys: gradients equal dense attention's."""
+    torch.manual_seed(0)
+    config = tiny_config(is_causal=causal)
+    config._attn_implementation = implementation
+    op = RoutedAttention(config, layer_idx=0).eval()
+    length, queries = 600, 150  # 5 blocks of 32 queries
+    x = torch.randn(2, length, 32, requires_grad=True)
+    rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(length).expand(2, length), x.dtype)
+    index = torch.stack([torch.randperm(length)[:queries].sort().values for _ in range(2)])
+    weights = torch.randn(2, queries, 32)
+
+    def gradients(output):
+        (output * weights).sum().backward()
+        grads = [x.grad.clone()] + [p.grad.clone() for p in op.parameters()]
+        x.grad = None
+        op.zero_grad(set_to_none=True)
+        return grads
+
+    expected = gradients(dense_reference_attention(op, x, rope, causal).gather(1, index[..., None].expand(-1, -1, 32)))
+    actual = gradients(op(x, rope, query_index=index)[0])
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
 def test_masked_sdpa_calls_avoid_cudnn_on_cuda_only():
     """cuDNN's masked SDPA backward returns NaN (pytorch#196678): routed blocks must not reach it on CUDA."""
     before = torch.backends.cuda.cudnn_sdp_enabled()
