@@ -93,6 +93,18 @@ def test_tokens_only_run_the_operator_they_were_routed_to(variant):
             assert seen.get((i, name), 0) == expected, (i, name, seen, routed)
 
 
+@pytest.mark.parametrize("variant_name", ["threshold-dct+attention", "random-dct+rbf+attention", "learned-dct+attention"])
+def test_non_contiguous_inputs_embeds(variant_name):
+    """Routed rows are written into an output buffer by row index: a strided operator input must not
+    break that. Post-norm with a routed first layer hands the embeddings to the router as they are."""
+    model = build(ChiarForCausalLM, variant_name, layer_schedule=["routed"] * 4, norm_position="post").eval()
+    embeds = model.get_input_embeddings()(random_ids(2, 12, seed=7))
+    strided = embeds.transpose(0, 2).contiguous().transpose(0, 2)  # same values, other strides
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=strided).logits, model(inputs_embeds=embeds).logits, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("model_class", [ChiarForCausalLM, ChiarForSequenceClassification])
 def test_bf16_autocast_forward_and_backward(variant, model_class):
     """Mixed precision (how GPUs train): operators return the autocast dtype and must merge with fp32."""
