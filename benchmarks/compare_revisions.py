@@ -1,0 +1,92 @@
+"""Training-step speed of the model code at another git revision against the working tree's, with the baseline.
+
+Extracts `modeling_chiar/` at REV into a temporary folder (imported as its own package), builds the
+default CHIAR model (threshold router calibrated to 25%) from both, and times forward+backward of
+the body in interleaved rounds with the full-attention baseline (working tree) in the same process:
+what a change to the model code gained or lost, measured on this machine's current speed.
+
+    python benchmarks/compare_revisions.py --old 10e6f9b --lengths 256 1024 4096
+"""
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import torch
+
+from common import describe_device
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 8192
+
+
+def package_at(revision, folder):
+    """Import modeling_chiar as it was at `revision`, under the name modeling_chiar_at_rev."""
+    archive = subprocess.run(["git", "archive", revision, "modeling_chiar"], cwd=REPO, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (Path(folder) / "modeling_chiar").rename(Path(folder) / "modeling_chiar_at_rev")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("modeling_chiar_at_rev")
+
+
+def build(package, length, **schedule):
+    torch.manual_seed(0)
+    config = package.ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max(length, 2048), **schedule)
+    model = package.ChiarModel._from_config(config, attn_implementation="sdpa").train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # calibrate the threshold routers
+        for _ in range(6):
+            model(torch.randint(0, VOCAB, (4, min(256, length)), generator=generator))
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--old", required=True, help="git revision to compare against")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    import modeling_chiar as current
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        old = package_at(args.old, folder)
+        for length in args.lengths:
+            ids = torch.randint(0, VOCAB, (max(1, args.tokens // length), length), generator=torch.Generator().manual_seed(2))
+            models = {
+                "baseline": build(current, length, layer_schedule=["attention"] * 4),
+                "chiar (working tree)": build(current, length),
+                f"chiar ({args.old})": build(old, length),
+            }
+            times = {name: [] for name in models}
+            for round_index in range(args.rounds + 1):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model(ids).last_hidden_state.square().mean().backward()
+                    if round_index:  # round 0 is warm-up
+                        times[name].append(time.perf_counter() - start)
+            baseline = statistics.median(times["baseline"])
+            for name, values in times.items():
+                row = {"length": length, "model": name, "seconds": statistics.median(values), "vs_baseline": baseline / statistics.median(values)}
+                rows.append(row)
+                print(f"T={length:5} {name:28} {row['seconds'] * 1000:8.1f} ms  x{row['vs_baseline']:.2f} vs baseline")
+    if args.output:
+        result = {"benchmark": "compare_revisions", "old": args.old, "device": describe_device(torch.device("cpu")),
+                  "torch": torch.__version__, "tokens_per_batch": args.tokens, "rounds": args.rounds, "rows": rows}
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
