@@ -1,7 +1,8 @@
-"""Where CHIAR's training step spends its time, layer by layer, and what the 1.7x target would need.
+"""Where CHIAR's training step spends its time, layer by layer, and what a speed-up target would need.
 
 Forward+backward timings at one sequence length (4,096 tokens per batch), interleaved rounds,
-medians, first round warm-up, all against the full-attention baseline measured in the same run:
+medians, first round warm-up, all against the full-attention baseline measured in the same run
+(ratios: medians of per-round ratios, `common.paired_speedup`):
 
 - body: the baseline, CHIAR (threshold router at 25%) and the *floor*: CHIAR with its two routed
   layers replaced by DCT layers (`["dct", "dct", "dct", "attention"]`), what CHIAR would cost if
@@ -12,6 +13,7 @@ medians, first round warm-up, all against the full-attention baseline measured i
   over the routed queries (the same positions, the same `query_blocks`).
 
     python benchmarks/breakdown.py --length 4096 --output benchmarks/results/breakdown-4096-cpu.json
+    python benchmarks/breakdown.py --length 256 --target 1.15 --output benchmarks/results/breakdown-256-cpu.json
 """
 
 import argparse
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import describe_device, default_device
+from common import describe_device, default_device, paired_speedup
 from modeling_chiar import ChiarConfig, ChiarModel
 from modeling_chiar.operator_attention import query_blocks
 
@@ -98,6 +100,7 @@ def kernel_steps(routed_positions, length, heads, head_dim, device):
 
 
 def timed(steps, rounds, device):
+    """Seconds per round of each step (round 0, warm-up, dropped), interleaved A B C A B C ..."""
     times = {name: [] for name in steps}
     for round_index in range(rounds + 1):
         for name, step in steps.items():
@@ -109,6 +112,10 @@ def timed(steps, rounds, device):
                 torch.cuda.synchronize()
             if round_index:  # round 0 is warm-up
                 times[name].append(time.perf_counter() - start)
+    return times
+
+
+def medians(times):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -117,6 +124,7 @@ def main():
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--target", type=float, default=1.7, help="speed-up over the baseline to budget for")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -125,17 +133,19 @@ def main():
     ids = ids.to(device)
 
     models = {name: build(schedule, args.length, device) for name, schedule in SCHEDULES.items()}
-    body = timed({name: backward_of(lambda m=m: m(ids).last_hidden_state) for name, m in models.items()}, args.rounds, device)
+    body_rounds = timed({name: backward_of(lambda m=m: m(ids).last_hidden_state) for name, m in models.items()}, args.rounds, device)
+    body = medians(body_rounds)
 
     chiar, baseline = models["chiar-threshold"], models["baseline"]
     x, ctx = capture_mixer_input(chiar, ids)
     x = x.clone().requires_grad_(True)
     routed_mixer, dct_mixer, full_mixer = chiar.layers[1].mixer, chiar.layers[0].mixer, baseline.layers[1].mixer
-    mixers = timed({
+    mixer_rounds = timed({
         "full attention (baseline)": backward_of(lambda: full_mixer(x, ctx)[0]),
         "routed (CHIAR)": backward_of(lambda: routed_mixer(x, ctx)[0]),
         "dct": backward_of(lambda: dct_mixer(x, ctx)[0]),
     }, args.rounds, device)
+    mixers = medians(mixer_rounds)
 
     with torch.no_grad():
         routing = chiar(ids, output_routing=True).routing[1]
@@ -144,9 +154,10 @@ def main():
     count = int(selected.sum(dim=1).min())  # same count per row, for a rectangular batch
     positions = torch.stack([row.nonzero().squeeze(1)[:count] for row in selected])
     causal, routed = kernel_steps(positions, args.length, chiar.config.num_attention_heads, chiar.config.head_dim, device)
-    kernels = timed({"causal, every token": causal, "blocked masked, routed 25%": routed}, args.rounds, device)
+    kernel_rounds = timed({"causal, every token": causal, "blocked masked, routed 25%": routed}, args.rounds, device)
+    kernels = medians(kernel_rounds)
 
-    needed = body["baseline"] / 1.7
+    needed = body["baseline"] / args.target
     floor = body["floor (routed layers as DCT)"]
     result = {
         "benchmark": "breakdown",
@@ -156,13 +167,14 @@ def main():
         "batch": ids.shape[0],
         "rounds": args.rounds,
         "seconds": {"body": body, "mixer": mixers, "kernel": kernels},
+        "seconds_all_rounds": {"body": body_rounds, "mixer": mixer_rounds, "kernel": kernel_rounds},
         "ratios": {
-            "chiar vs baseline": body["baseline"] / body["chiar-threshold"],
-            "floor vs baseline": body["baseline"] / floor,
+            "chiar vs baseline": paired_speedup(body_rounds["baseline"], body_rounds["chiar-threshold"]),
+            "floor vs baseline": paired_speedup(body_rounds["baseline"], body_rounds["floor (routed layers as DCT)"]),
             "routed layer above a DCT layer (s, in the body)": (body["chiar-threshold"] - floor) / 2,
-            "routed layer above a DCT layer for 1.7x (s)": (needed - floor) / 2,
-            "routed mixer / full attention mixer": mixers["routed (CHIAR)"] / mixers["full attention (baseline)"],
-            "routed kernel / causal kernel": kernels["blocked masked, routed 25%"] / kernels["causal, every token"],
+            f"routed layer above a DCT layer for {args.target}x (s)": (needed - floor) / 2,
+            "routed mixer / full attention mixer": 1 / paired_speedup(mixer_rounds["full attention (baseline)"], mixer_rounds["routed (CHIAR)"]),
+            "routed kernel / causal kernel": 1 / paired_speedup(kernel_rounds["causal, every token"], kernel_rounds["blocked masked, routed 25%"]),
         },
     }
     for group, values in result["seconds"].items():

@@ -2,6 +2,7 @@
 
 import argparse
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -14,6 +15,16 @@ def describe_device(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def paired_speedup(baseline_seconds, seconds):
+    """Median over timed rounds of (baseline's time / model's time) within the same round.
+
+    Rounds interleave the models, so each ratio compares runs made seconds apart. The CPU machines'
+    speed drifts by tens of percent over minutes; a ratio of the two medians taken over all rounds
+    keeps that drift, a median of per-round ratios cancels most of it.
+    """
+    return statistics.median(b / s for b, s in zip(baseline_seconds, seconds))
 
 
 def default_device():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import describe_device
+from common import describe_device, paired_speedup
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 8192
@@ -76,9 +76,9 @@ def main():
                     model(ids).last_hidden_state.square().mean().backward()
                     if round_index:  # round 0 is warm-up
                         times[name].append(time.perf_counter() - start)
-            baseline = statistics.median(times["baseline"])
             for name, values in times.items():
-                row = {"length": length, "model": name, "seconds": statistics.median(values), "vs_baseline": baseline / statistics.median(values)}
+                row = {"length": length, "model": name, "seconds": statistics.median(values),
+                       "vs_baseline": paired_speedup(times["baseline"], values), "seconds_all_rounds": values}
                 rows.append(row)
                 print(f"T={length:5} {name:28} {row['seconds'] * 1000:8.1f} ms  x{row['vs_baseline']:.2f} vs baseline")
     if args.output:

@@ -6,7 +6,8 @@ and then decodes `--steps` tokens greedily, one forward per token:
   the whole context, DCT and RBF tokens read nothing or a fixed-size state);
 - uncached: each step recomputes the whole sequence (the cost a model without a cache pays).
 Models are timed in interleaved rounds (A B A B ...), warm-up excluded; the table shows the median
-tokens/s over rounds and the ratio to the baseline measured in the same rounds.
+tokens/s over rounds and the speed-up over the baseline as the median of the per-round ratios
+(`common.paired_speedup`).
 
     python benchmarks/generation.py                       # quick CPU profile
     python benchmarks/generation.py --profile full        # GPU profile (longer contexts, more steps)
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from common import RESULTS, describe_device, timing_parser, timing_settings
+from common import RESULTS, describe_device, paired_speedup, timing_parser, timing_settings
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 
 PROFILES = {
@@ -105,17 +106,19 @@ def main():
                     seconds = time_decoding(model, prompt, steps, cached, device)
                     if round_index:
                         timings[name].append(seconds)
-            base = statistics.median(timings["baseline"]) if "baseline" in timings else None
+            base = timings.get("baseline")
             for name, values in timings.items():
                 median = statistics.median(values)
+                speedup = paired_speedup(base, values) if base else None
                 rows.append({
                     "context": length, "cached": cached, "model": name,
                     "tokens_per_s": 1.0 / median,
-                    "speedup_vs_baseline": (base / median) if base else None,
+                    "speedup_vs_baseline": speedup,
+                    "speedup_ratio_of_medians": statistics.median(base) / median if base else None,
                     "seconds_per_token_all_rounds": values,
                 })
                 print(f"T={length:>6} {'cached  ' if cached else 'uncached'} {name:13} {1.0 / median:9.1f} tok/s"
-                      + (f"  x{base / median:.2f} vs baseline" if base else ""), flush=True)
+                      + (f"  x{speedup:.2f} vs baseline" if base else ""), flush=True)
         write(complete=False)
     write(complete=True)
     print(f"wrote {output}")

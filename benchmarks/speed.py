@@ -5,7 +5,7 @@ model body (`ChiarModel`) and the causal LM with an 8,192-token vocabulary (a 50
 dominate a 4-layer model and hide the operators), forward only (eval, inference mode) and
 forward+backward (train mode, dropout off). Variants are timed in interleaved rounds
 (A B C D A B C D ...), the first round is warm-up, and the table reports median tokens/s and the
-ratio to the baseline from the same rounds. Memory: peak allocated on GPU; on CPU, the bytes of
+speed-up over the baseline as the median of the per-round ratios (`common.paired_speedup`). Memory: peak allocated on GPU; on CPU, the bytes of
 tensors saved for backward (activation memory), which is what routing changes. FLOP fractions come
 from the model's own accounting (`routing_report`) on the same inputs.
 
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import RESULTS, describe_device, timing_parser, timing_settings
+from common import RESULTS, describe_device, paired_speedup, timing_parser, timing_settings
 from modeling_chiar import ChiarConfig, ChiarForCausalLM, ChiarModel, routing_report
 
 PROFILES = {
@@ -133,7 +133,7 @@ def main():
                         sync(device)
                         if round_index:  # round 0 is warm-up
                             times[name].append(time.perf_counter() - start)
-                base = statistics.median(times["baseline"]) if "baseline" in times else None
+                base = times.get("baseline")
                 base_memory = peak_memory(models["baseline"], ids, backward, device) if "baseline" in models else None
                 for name, model in models.items():
                     median = statistics.median(times[name])
@@ -142,7 +142,8 @@ def main():
                     row = {
                         "target": target, "length": length, "batch": batch, "mode": "fwd+bwd" if backward else "fwd",
                         "model": name, "tokens_per_s": batch * length / median,
-                        "speedup_vs_baseline": base / median if base else None,
+                        "speedup_vs_baseline": paired_speedup(base, times[name]) if base else None,
+                        "speedup_ratio_of_medians": statistics.median(base) / median if base else None,
                         "memory_bytes": memory, "memory_vs_baseline": (memory / base_memory) if memory and base_memory else None,
                         "attention_query_fraction": report["attention_query_fraction"],
                         "attention_flops_fraction": report["attention_flops_fraction"],
