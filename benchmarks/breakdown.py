@@ -10,7 +10,8 @@ medians, first round warm-up, all against the full-attention baseline measured i
 - one layer's token mixer, fed the same hidden states (CHIAR's layer-1 input): full attention
   (the baseline's), routed (CHIAR's) and DCT;
 - the attention kernel alone: causal SDPA over every token against CHIAR's blocked, masked SDPA
-  over the routed queries (the same positions, the same `query_blocks`).
+  over the routed queries (the same positions, the same `query_blocks`), and the same with the
+  smaller blocks of 64 queries the model used before.
 
     python benchmarks/breakdown.py --length 4096 --output benchmarks/results/breakdown-4096-cpu.json
     python benchmarks/breakdown.py --length 256 --target 1.15 --output benchmarks/results/breakdown-256-cpu.json
@@ -75,13 +76,16 @@ def backward_of(fn):
     return step
 
 
-def kernel_steps(routed_positions, length, heads, head_dim, device):
-    """Causal SDPA over every token, and the routed queries' blocked masked SDPA, on random q, k, v."""
+def kernel_steps(routed_positions, length, heads, head_dim, device, block=256):
+    """Causal SDPA over every token, and the routed queries' blocked masked SDPA, on random q, k, v.
+
+    `block`: the query block size given to `query_blocks` (the model's own is 256; 64 was the old one).
+    """
     batch = routed_positions.shape[0]
     q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, requires_grad=True) for _ in range(3))
     positions = routed_positions.to(device)
     num_queries = positions.shape[1]
-    blocks = [(start, end, int(positions[:, end - 1].max()) + 1) for start, end in query_blocks(num_queries)]
+    blocks = [(start, end, int(positions[:, end - 1].max()) + 1) for start, end in query_blocks(num_queries, block=block)]
     queries = q[:, :, :num_queries]  # which rows do not matter for the cost; their positions do
 
     def causal():
@@ -153,8 +157,11 @@ def main():
     selected = routing.operator_ids == attention_id
     count = int(selected.sum(dim=1).min())  # same count per row, for a rectangular batch
     positions = torch.stack([row.nonzero().squeeze(1)[:count] for row in selected])
-    causal, routed = kernel_steps(positions, args.length, chiar.config.num_attention_heads, chiar.config.head_dim, device)
-    kernel_rounds = timed({"causal, every token": causal, "blocked masked, routed 25%": routed}, args.rounds, device)
+    shape = (positions, args.length, chiar.config.num_attention_heads, chiar.config.head_dim, device)
+    causal, routed = kernel_steps(*shape)
+    _, routed_small_blocks = kernel_steps(*shape, block=64)
+    kernel_rounds = timed({"causal, every token": causal, "blocked masked, routed 25%": routed,
+                           "same, 64-query blocks": routed_small_blocks}, args.rounds, device)
     kernels = medians(kernel_rounds)
 
     needed = body["baseline"] / args.target
@@ -175,6 +182,7 @@ def main():
             f"routed layer above a DCT layer for {args.target}x (s)": (needed - floor) / 2,
             "routed mixer / full attention mixer": 1 / paired_speedup(mixer_rounds["full attention (baseline)"], mixer_rounds["routed (CHIAR)"]),
             "routed kernel / causal kernel": 1 / paired_speedup(kernel_rounds["causal, every token"], kernel_rounds["blocked masked, routed 25%"]),
+            "routed kernel, 64-query blocks / causal kernel": 1 / paired_speedup(kernel_rounds["causal, every token"], kernel_rounds["same, 64-query blocks"]),
         },
     }
     for group, values in result["seconds"].items():
