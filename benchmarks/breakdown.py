@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from common import describe_device, default_device, paired_speedup
 from modeling_chiar import ChiarConfig, ChiarModel
-from modeling_chiar.operator_attention import query_blocks
+from modeling_chiar.operator_attention import masked_sdpa_kernels, query_blocks
 
 SCHEDULES = {
     "baseline": ["attention"] * 4,
@@ -93,12 +93,13 @@ def kernel_steps(routed_positions, length, heads, head_dim, device, block=256):
 
     def routed():
         outputs = []
-        for start, end, keys in blocks:
-            mask = torch.arange(keys, device=device)[None, None, :] <= positions[:, start:end, None]
-            outputs.append(F.scaled_dot_product_attention(
-                queries[:, :, start:end], k[:, :, :keys], v[:, :, :keys], attn_mask=mask[:, None]
-            ))
-        torch.cat(outputs, dim=2).sum().backward()
+        with masked_sdpa_kernels("sdpa", device):  # the kernels the model's masked calls may use
+            for start, end, keys in blocks:
+                mask = torch.arange(keys, device=device)[None, None, :] <= positions[:, start:end, None]
+                outputs.append(F.scaled_dot_product_attention(
+                    queries[:, :, start:end], k[:, :, :keys], v[:, :, :keys], attn_mask=mask[:, None]
+                ))
+            torch.cat(outputs, dim=2).sum().backward()
 
     return causal, routed
 

@@ -80,8 +80,7 @@ class PrefixViews(torch.autograd.Function):
 
     Autograd's slice backward makes a full-size zero tensor per slice, copies the slice's gradient in
     and adds the results up: three full-length passes per block over the keys' and over the values'
-    gradients (at 16 blocks, about 5% of a CPU training step at 4,096 tokens). Here each block adds
-    its gradient into its own prefix of one buffer.
+    gradients. Here each block adds its gradient into its own prefix of one buffer.
     """
 
     @staticmethod
@@ -112,9 +111,10 @@ def query_blocks(num_queries, block=256, min_blocks=4, min_block=32):
 
     A block computes the keys up to its last query, so more blocks skip more masked-out keys, but
     small blocks make inefficient kernel calls. Blocks of 256 queries, or at least `min_blocks`
-    blocks when there are fewer than 1,024 queries. On CPU at 25% routing this ran the routed layer's
-    attention (forward+backward) about 20% faster than 16 blocks of 64 at 4,096 tokens, and as fast
-    as any other split at 1,024; fewer calls also suit a launch-bound GPU.
+    blocks when there are fewer than 1,024 queries. At 4,096 tokens and 25% routing on CPU the
+    kernel (forward+backward) took 0.42 of the causal kernel's time in blocks of 256 and 0.52 in 16
+    blocks of 64, which compute fewer scores (`benchmarks/breakdown.py`); fewer calls also suit a
+    launch-bound GPU.
     """
     size = min(block, max(min_block, math.ceil(num_queries / min_blocks)))
     return [(start, min(start + size, num_queries)) for start in range(0, num_queries, size)]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from modeling_chiar.operator_attention import RotaryEmbedding, RoutedAttention, masked_sdpa_kernels
+from modeling_chiar.operator_attention import RotaryEmbedding, RoutedAttention, masked_sdpa_kernels, query_blocks
 from modeling_chiar.operator_dct import DCTMixing
 from modeling_chiar.operator_rbf import RBFMixing
 from modeling_chiar.spectral import dct_matrix
@@ -121,7 +121,8 @@ def test_attention_on_selected_queries_has_the_dense_gradient(implementation, ca
     config = tiny_config(is_causal=causal)
     config._attn_implementation = implementation
     op = RoutedAttention(config, layer_idx=0).eval()
-    length, queries = 600, 150  # 5 blocks of 32 queries
+    length, queries = 600, 150
+    assert len(query_blocks(queries)) > 1  # several blocks, each with its own key prefix
     x = torch.randn(2, length, 32, requires_grad=True)
     rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(length).expand(2, length), x.dtype)
     index = torch.stack([torch.randperm(length)[:queries].sort().values for _ in range(2)])
