@@ -97,18 +97,20 @@ class MixContext:
 
 
 def gather_selected(selected):
-    """Indices (B, M) of the True entries of `selected` (B, T) in position order, and which are real.
+    """Indices (B, M) of the True entries of `selected` (B, T) in position order, which are real, and
+    each row's count as a list (read in one host sync, which also sizes the gather).
 
     Rows with fewer than M selections are filled with unselected positions marked invalid: they are
     computed (a rectangular batch) but their outputs are discarded.
     """
     length = selected.shape[1]
     counts = selected.sum(dim=1)
-    num = int(counts.max())
+    per_row = counts.tolist()
+    num = max(per_row, default=0)
     order_key = (~selected).long() * length + torch.arange(length, device=selected.device)
     index = order_key.argsort(dim=1)[:, :num]
     valid = torch.arange(num, device=selected.device)[None, :] < counts[:, None]
-    return index, valid
+    return index, valid, per_row
 
 
 class TokenMixer(nn.Module):
@@ -155,19 +157,15 @@ class TokenMixer(nn.Module):
         for k, name in enumerate(self.operators):
             every_token = self.router is None or soft
             selected = None if every_token else ids == k
-            if selected is not None and not bool(selected.any()) and (name == "dct" or ctx.cache is None):
-                continue  # nobody routed here: the operator costs nothing, not even its keys
             # Routed tokens are written straight into `output` (each token has one operator);
-            # an operator that sees every token returns its full output, which is added.
+            # an operator that sees every token returns its full output, which is added. An operator
+            # nobody was routed to costs nothing, not even its keys (unless a cache needs them).
             if name == "dct":
                 op_out, op_flops = self._run_dct(x, ctx.dct, selected, output)
             else:
-                op_out, op_flops, op_attn = self._run_mixing(name, x, ctx, selected, output)
+                op_out, op_flops, op_attn, queries = self._run_mixing(name, x, ctx, selected, output)
                 if name == "attention":
-                    attentions = op_attn
-                    attention_flops = op_flops
-                    real = torch.ones_like(ids, dtype=torch.bool) if ctx.token_mask is None else ctx.token_mask
-                    attention_queries = int(real.sum()) if selected is None else int((selected & real).sum())
+                    attentions, attention_flops, attention_queries = op_attn, op_flops, queries
             if selected is not None:
                 output = op_out
             else:
@@ -200,26 +198,38 @@ class TokenMixer(nn.Module):
         # Row indices, not a boolean mask: the backward of x[mask] is an accumulating index_put,
         # about 10x slower on CPU than index_select's backward (index_add) for the same rows.
         rows = selected.reshape(-1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return output, 0.0
         mixed = self.dct(x.reshape(-1, d).index_select(0, rows), dct)
         # Under autocast `mixed` is in the autocast dtype: cast to output's.
         output.view(-1, d).index_copy_(0, rows, mixed.to(output.dtype))
         return output, linear_flops(rows.shape[0], d, d)
 
     def _run_mixing(self, name, x, ctx, selected, output):
-        """Attention or RBF for every token (returned), or the selected ones (added into `output`)."""
+        """Attention or RBF for every token (returned), or the selected ones (added into `output`).
+
+        Also returns how many real tokens were queries, counted from the gather's own host sync.
+        """
         operator = self.attention if name == "attention" else self.rbf
+        batch, length, d = x.shape
         index = valid = None
-        if selected is not None:
-            index, valid = gather_selected(selected)
+        if selected is None:
+            queries = batch * length if ctx.token_mask is None else int(ctx.token_mask.sum())
+        else:
+            index, valid, counts = gather_selected(selected)
+            if max(counts, default=0) == 0 and ctx.cache is None:
+                return output, 0.0, None, 0
+            queries = sum(counts) if ctx.token_mask is None else int((selected & ctx.token_mask).sum())
         if name == "attention":
             out, attn, flops = operator(x, ctx.rope, index, ctx.key_mask, ctx.output_attentions, ctx.cache, valid)
         else:
             (out, flops), attn = operator(x, index, ctx.token_mask, ctx.cache), None
         if index is None:
-            return out, flops, attn
-        # Filler slots (valid False) hold other operators' tokens: they add zero there.
-        out = (out * valid[..., None].to(out.dtype)).to(output.dtype)
-        return output.scatter_add_(1, index[..., None].expand(-1, -1, x.shape[-1]), out), flops, attn
+            return out, flops, attn, queries
+        if min(counts) < index.shape[1]:  # filler slots (valid False) hold other tokens: they add zero
+            out = out * valid[..., None].to(out.dtype)
+        out = out.to(output.dtype)
+        return output.scatter_add_(1, index[..., None].expand(-1, -1, d), out), flops, attn, queries
 
 
 class ChiarMLP(nn.Module):
