@@ -1,0 +1,64 @@
+"""The benchmark scripts run end to end at toy sizes and write the JSON docs/benchmarks.md is made from.
+
+Timings at these sizes mean nothing; what is checked is that every script still runs, writes a
+complete result, compares against the baseline measured in the same run, and renders as a table.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script, *args, output):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--output", str(output)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+def test_speed_compares_every_variant_with_the_baseline_and_renders(tmp_path):
+    output = tmp_path / "speed.json"
+    result = run_script("speed.py", "--lengths", "64", "--rounds", "1", "--targets", "body", output=output)
+    assert result["complete"]
+    models = {row["model"] for row in result["rows"]}
+    assert models == {"baseline", "chiar-threshold", "chiar-random", "chiar-3op"}
+    for row in result["rows"]:
+        assert math.isfinite(row["speedup_vs_baseline"]) and row["speedup_vs_baseline"] > 0
+        assert len(row["seconds_all_rounds"]) == 1
+        if row["model"] == "baseline":
+            assert row["speedup_vs_baseline"] == 1.0 and row["attention_flops_fraction"] == 1.0
+        else:
+            assert row["attention_query_fraction"] < 1.0
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(output)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "| body | 64 |" in table and "chiar-3op" in table
+
+
+def test_decoding_benchmark_runs_cached_and_uncached(tmp_path):
+    result = run_script("generation.py", "--lengths", "32", "--rounds", "1", output=tmp_path / "generation.json")
+    assert result["complete"]
+    assert {row["cached"] for row in result["rows"]} == {True, False}
+    assert all(row["tokens_per_s"] > 0 for row in result["rows"])
+
+
+def test_breakdown_reports_the_floor_and_the_kernel_ratio(tmp_path):
+    result = run_script("breakdown.py", "--length", "64", "--tokens", "256", "--rounds", "1", output=tmp_path / "breakdown.json")
+    assert set(result["seconds"]) == {"body", "mixer", "kernel"}
+    assert all(math.isfinite(value) for value in result["ratios"].values())
+    assert result["seconds"]["body"]["floor (routed layers as DCT)"] > 0
+
+
+def test_revision_comparison_imports_the_old_code_beside_the_new(tmp_path):
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: nothing to compare against")
+    result = run_script("compare_revisions.py", "--old", "HEAD", "--lengths", "64", "--tokens", "256", "--rounds", "1",
+                        output=tmp_path / "compare.json")
+    assert [row["model"] for row in result["rows"]] == ["baseline", "chiar (working tree)", "chiar (HEAD)"]
