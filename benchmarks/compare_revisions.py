@@ -3,7 +3,9 @@
 Extracts `modeling_chiar/` at REV into a temporary folder (imported as its own package), builds the
 default CHIAR model (threshold router calibrated to 25%) from both, and times forward+backward of
 the body in interleaved rounds with the full-attention baseline (working tree) in the same process:
-what a change to the model code gained or lost, measured on this machine's current speed.
+what a change to the model code gained or lost, measured on this machine's current speed. It also
+loads the working tree's weights into the old code and reports whether both compute the same
+outputs and routing (eval mode) on the timed batch.
 
     python benchmarks/compare_revisions.py --old 10e6f9b --lengths 256 1024 4096
 """
@@ -49,6 +51,19 @@ def build(package, length, **schedule):
     return model
 
 
+def same_outputs(model, old_model, ids):
+    """Load `model`'s weights and router buffers into `old_model`; compare their eval outputs and routing."""
+    old_model.load_state_dict(model.state_dict())
+    model.eval(), old_model.eval()
+    with torch.no_grad():
+        new, old = model(ids, output_routing=True), old_model(ids, output_routing=True)
+    model.train(), old_model.train()
+    return {
+        "max_abs_output_difference": (new.last_hidden_state - old.last_hidden_state).abs().max().item(),
+        "same_routing": all(torch.equal(a.operator_ids, b.operator_ids) for a, b in zip(new.routing, old.routing)),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", required=True, help="git revision to compare against")
@@ -69,6 +84,7 @@ def main():
                 "chiar (working tree)": build(current, length),
                 f"chiar ({args.old})": build(old, length),
             }
+            difference = same_outputs(models["chiar (working tree)"], models[f"chiar ({args.old})"], ids)
             times = {name: [] for name in models}
             for round_index in range(args.rounds + 1):
                 for name, model in models.items():
@@ -79,8 +95,12 @@ def main():
             for name, values in times.items():
                 row = {"length": length, "model": name, "seconds": statistics.median(values),
                        "vs_baseline": paired_speedup(times["baseline"], values), "seconds_all_rounds": values}
+                if name.startswith("chiar"):
+                    row.update(difference)
                 rows.append(row)
                 print(f"T={length:5} {name:28} {row['seconds'] * 1000:8.1f} ms  x{row['vs_baseline']:.2f} vs baseline")
+            print(f"T={length:5} same weights, eval: max |output difference| {difference['max_abs_output_difference']:.3g}, "
+                  f"same routing: {difference['same_routing']}")
     if args.output:
         result = {"benchmark": "compare_revisions", "old": args.old, "device": describe_device(torch.device("cpu")),
                   "torch": torch.__version__, "tokens_per_batch": args.tokens, "rounds": args.rounds, "rows": rows}

@@ -62,3 +62,5 @@ def test_revision_comparison_imports_the_old_code_beside_the_new(tmp_path):
     result = run_script("compare_revisions.py", "--old", "HEAD", "--lengths", "64", "--tokens", "256", "--rounds", "1",
                         output=tmp_path / "compare.json")
     assert [row["model"] for row in result["rows"]] == ["baseline", "chiar (working tree)", "chiar (HEAD)"]
+    old = result["rows"][2]
+    assert isinstance(old["same_routing"], bool) and old["max_abs_output_difference"] >= 0
