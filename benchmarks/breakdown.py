@@ -20,13 +20,12 @@ medians, first round warm-up, all against the full-attention baseline measured i
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import describe_device, default_device, paired_speedup
+from common import calibrated_model, describe_device, default_device, interleaved_rounds, paired_speedup
 from modeling_chiar import ChiarConfig, ChiarModel
 from modeling_chiar.operator_attention import masked_sdpa_kernels, query_blocks
 
@@ -39,15 +38,9 @@ VOCAB = 8192
 
 
 def build(schedule, length, device):
-    torch.manual_seed(0)
     extra = {} if schedule is None else {"layer_schedule": schedule}
     config = ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max(length, 2048), **extra)
-    model = ChiarModel._from_config(config, attn_implementation="sdpa").to(device).train()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # calibrate the threshold routers to their 25% target
-        for _ in range(6):
-            model(torch.randint(0, VOCAB, (4, min(256, length)), generator=generator).to(device))
-    return model
+    return calibrated_model(ChiarModel, config, device)
 
 
 def capture_mixer_input(model, ids, layer=1):
@@ -104,22 +97,6 @@ def kernel_steps(routed_positions, length, heads, head_dim, device, block=256):
     return causal, routed
 
 
-def timed(steps, rounds, device):
-    """Seconds per round of each step (round 0, warm-up, dropped), interleaved A B C A B C ..."""
-    times = {name: [] for name in steps}
-    for round_index in range(rounds + 1):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round_index:  # round 0 is warm-up
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def medians(times):
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -138,14 +115,14 @@ def main():
     ids = ids.to(device)
 
     models = {name: build(schedule, args.length, device) for name, schedule in SCHEDULES.items()}
-    body_rounds = timed({name: backward_of(lambda m=m: m(ids).last_hidden_state) for name, m in models.items()}, args.rounds, device)
+    body_rounds = interleaved_rounds({name: backward_of(lambda m=m: m(ids).last_hidden_state) for name, m in models.items()}, args.rounds, device)
     body = medians(body_rounds)
 
     chiar, baseline = models["chiar-threshold"], models["baseline"]
     x, ctx = capture_mixer_input(chiar, ids)
     x = x.clone().requires_grad_(True)
     routed_mixer, dct_mixer, full_mixer = chiar.layers[1].mixer, chiar.layers[0].mixer, baseline.layers[1].mixer
-    mixer_rounds = timed({
+    mixer_rounds = interleaved_rounds({
         "full attention (baseline)": backward_of(lambda: full_mixer(x, ctx)[0]),
         "routed (CHIAR)": backward_of(lambda: routed_mixer(x, ctx)[0]),
         "dct": backward_of(lambda: dct_mixer(x, ctx)[0]),
@@ -161,7 +138,7 @@ def main():
     shape = (positions, args.length, chiar.config.num_attention_heads, chiar.config.head_dim, device)
     causal, routed = kernel_steps(*shape)
     _, routed_small_blocks = kernel_steps(*shape, block=64)
-    kernel_rounds = timed({"causal, every token": causal, "blocked masked, routed 25%": routed,
+    kernel_rounds = interleaved_rounds({"causal, every token": causal, "blocked masked, routed 25%": routed,
                            "same, 64-query blocks": routed_small_blocks}, args.rounds, device)
     kernels = medians(kernel_rounds)
 

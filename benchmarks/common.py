@@ -1,8 +1,10 @@
-"""What the benchmark scripts share: the device line they record and the timing scripts' options."""
+"""What the benchmark scripts share: how models are built and timed, the device line they record and
+the timing scripts' options."""
 
 import argparse
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +17,38 @@ def describe_device(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def calibrated_model(model_class, config, device=torch.device("cpu"), dtype=None, batches=6):
+    """`model_class(config)` (seed 0, sdpa) in train mode, threshold routers calibrated to their target.
+
+    Calibration sees `batches` random batches of 4 x min(256, max positions) tokens (seed 1), so every
+    script times the same routing for the same config.
+    """
+    torch.manual_seed(0)
+    model = model_class._from_config(config, attn_implementation="sdpa").to(device=device, dtype=dtype).train()
+    generator = torch.Generator().manual_seed(1)
+    length = min(256, config.max_position_embeddings)
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randint(0, config.vocab_size, (4, length), generator=generator).to(device))
+    return model
+
+
+def interleaved_rounds(steps, rounds, device):
+    """Seconds of each step per round, steps interleaved (A B C A B C ...); round 0 is warm-up, dropped."""
+    times = {name: [] for name in steps}
+    for round_index in range(rounds + 1):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def paired_speedup(baseline_seconds, seconds):

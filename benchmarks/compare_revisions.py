@@ -18,13 +18,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from io import BytesIO
 from pathlib import Path
 
 import torch
 
-from common import describe_device, paired_speedup
+from common import calibrated_model, describe_device, interleaved_rounds, paired_speedup
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 8192
@@ -32,7 +31,10 @@ VOCAB = 8192
 
 def package_at(revision, folder):
     """Import modeling_chiar as it was at `revision`, under the name modeling_chiar_at_rev."""
-    archive = subprocess.run(["git", "archive", revision, "modeling_chiar"], cwd=REPO, check=True, capture_output=True).stdout
+    done = subprocess.run(["git", "archive", revision, "modeling_chiar"], cwd=REPO, capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"cannot read modeling_chiar/ at revision {revision!r}: {done.stderr.decode().strip()}")
+    archive = done.stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
     (Path(folder) / "modeling_chiar").rename(Path(folder) / "modeling_chiar_at_rev")
@@ -41,14 +43,8 @@ def package_at(revision, folder):
 
 
 def build(package, length, **schedule):
-    torch.manual_seed(0)
     config = package.ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max(length, 2048), **schedule)
-    model = package.ChiarModel._from_config(config, attn_implementation="sdpa").train()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # calibrate the threshold routers
-        for _ in range(6):
-            model(torch.randint(0, VOCAB, (4, min(256, length)), generator=generator))
-    return model
+    return calibrated_model(package.ChiarModel, config)
 
 
 def same_outputs(model, old_model, ids):
@@ -85,13 +81,8 @@ def main():
                 f"chiar ({args.old})": build(old, length),
             }
             difference = same_outputs(models["chiar (working tree)"], models[f"chiar ({args.old})"], ids)
-            times = {name: [] for name in models}
-            for round_index in range(args.rounds + 1):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    model(ids).last_hidden_state.square().mean().backward()
-                    if round_index:  # round 0 is warm-up
-                        times[name].append(time.perf_counter() - start)
+            steps = {name: (lambda m=model: m(ids).last_hidden_state.square().mean().backward()) for name, model in models.items()}
+            times = interleaved_rounds(steps, args.rounds, torch.device("cpu"))
             for name, values in times.items():
                 row = {"length": length, "model": name, "seconds": statistics.median(values),
                        "vs_baseline": paired_speedup(times["baseline"], values), "seconds_all_rounds": values}

@@ -147,7 +147,7 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     non_finite_step = bf16_training_stays_finite(device)
-    print(f"bf16 training, v1 shape, 60 steps: " + ("finite" if non_finite_step is None else f"NOT finite at step {non_finite_step}"))
+    print("bf16 training, v1 shape, 60 steps: " + ("finite" if non_finite_step is None else f"NOT finite at step {non_finite_step}"))
     if non_finite_step is not None:
         failures.append(f"bf16 training went non-finite at step {non_finite_step}")
     device_name = describe_device(device)

@@ -17,11 +17,10 @@ Results go to benchmarks/results/speed-<device>.json.
 
 import json
 import statistics
-import time
 
 import torch
 
-from common import RESULTS, describe_device, paired_speedup, timing_parser, timing_settings
+from common import RESULTS, calibrated_model, describe_device, interleaved_rounds, paired_speedup, timing_parser, timing_settings
 from modeling_chiar import ChiarConfig, ChiarForCausalLM, ChiarModel, routing_report
 
 PROFILES = {
@@ -38,15 +37,8 @@ VOCAB = 8192
 
 
 def build(model_class, variant, max_length, device, dtype):
-    torch.manual_seed(0)
     config = ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max_length, **VARIANTS[variant])
-    model = model_class._from_config(config, attn_implementation="sdpa").to(device=device, dtype=dtype)
-    generator = torch.Generator().manual_seed(1)
-    model.train()  # calibrate threshold routers to their 25% target before timing
-    with torch.no_grad():
-        for _ in range(6):
-            model(torch.randint(0, VOCAB, (4, min(256, max_length)), generator=generator).to(device))
-    return model
+    return calibrated_model(model_class, config, device, dtype)
 
 
 def sync(device):
@@ -124,15 +116,8 @@ def main():
                     routing = model(ids, output_routing=True).routing
                 fractions[name] = routing_report(routing, model.config)
             for backward in (False, True):
-                times = {name: [] for name in models}
-                for round_index in range(settings["rounds"] + 1):
-                    for name, model in models.items():
-                        sync(device)
-                        start = time.perf_counter()
-                        run_once(model, ids, backward)
-                        sync(device)
-                        if round_index:  # round 0 is warm-up
-                            times[name].append(time.perf_counter() - start)
+                steps = {name: (lambda m=model: run_once(m, ids, backward)) for name, model in models.items()}
+                times = interleaved_rounds(steps, settings["rounds"], device)
                 base = times.get("baseline")
                 base_memory = peak_memory(models["baseline"], ids, backward, device) if "baseline" in models else None
                 for name, model in models.items():

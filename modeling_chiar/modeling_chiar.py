@@ -196,7 +196,7 @@ class TokenMixer(nn.Module):
         if selected is None:
             return self.dct(x, dct), linear_flops(x.shape[0] * x.shape[1], d, d)
         # Row indices, not a boolean mask: the backward of x[mask] is an accumulating index_put,
-        # about 10x slower on CPU than index_select's backward (index_add) for the same rows.
+        # much slower on CPU than index_select's backward (index_add) for the same rows.
         rows = selected.reshape(-1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return output, 0.0

@@ -64,3 +64,12 @@ def test_revision_comparison_imports_the_old_code_beside_the_new(tmp_path):
     assert [row["model"] for row in result["rows"]] == ["baseline", "chiar (working tree)", "chiar (HEAD)"]
     old = result["rows"][2]
     assert isinstance(old["same_routing"], bool) and old["max_abs_output_difference"] >= 0
+
+
+def test_revision_comparison_names_a_revision_it_cannot_read(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_revisions.py"), "--old", "no-such-revision",
+                           "--lengths", "64", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode != 0
+    assert "cannot read modeling_chiar/ at revision 'no-such-revision'" in done.stderr
+    assert "Traceback" not in done.stderr
