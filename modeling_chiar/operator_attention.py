@@ -80,7 +80,8 @@ class PrefixViews(torch.autograd.Function):
 
     Autograd's slice backward makes a full-size zero tensor per slice, copies the slice's gradient in
     and adds the results up: three full-length passes per block over the keys' and over the values'
-    gradients. Here each block adds its gradient into its own prefix of one buffer.
+    gradients. Here the longest prefix's gradient is copied into one buffer, whose remainder is zeroed,
+    and each other block adds its gradient into its own prefix.
     """
 
     @staticmethod
@@ -97,26 +98,39 @@ class PrefixViews(torch.autograd.Function):
     def backward(ctx, *grads):
         sums = []
         for which, shape in enumerate(ctx.shapes):  # 0: keys, 1: values; outputs alternate
-            total = None
-            for n, grad in zip(ctx.counts, grads[which::2]):
-                if grad is not None:
-                    total = grad.new_zeros(shape) if total is None else total
-                    total[:, :, :n] += grad
+            given = [(n, grad) for n, grad in zip(ctx.counts, grads[which::2]) if grad is not None]
+            given.sort(key=lambda item: -item[0])
+            if not given:
+                sums.append(None)
+                continue
+            longest, grad = given[0]
+            if longest == shape[2] and len(given) == 1:
+                sums.append(grad)  # one block over every key: its gradient is the whole gradient
+                continue
+            total = grad.new_empty(shape)
+            total[:, :, :longest] = grad
+            total[:, :, longest:] = 0
+            for n, grad in given[1:]:
+                total[:, :, :n] += grad
             sums.append(total)
         return None, *sums
 
 
-def query_blocks(num_queries, block=256, min_blocks=4, min_block=32):
-    """Split `num_queries` position-sorted queries into contiguous blocks: [(start, end), ...].
+def query_blocks(num_queries, block=256):
+    """Split `num_queries` position-sorted queries into contiguous blocks of equal size, at most `block`
+    each: [(start, end), ...].
 
-    A block computes the keys up to its last query, so more blocks skip more masked-out keys, but
-    small blocks make inefficient kernel calls. Blocks of 256 queries, or at least `min_blocks`
-    blocks when there are fewer than 1,024 queries. At 4,096 tokens and 25% routing on CPU the
-    kernel (forward+backward) took 0.42 of the causal kernel's time in blocks of 256 and 0.52 in 16
-    blocks of 64, which compute fewer scores (`benchmarks/breakdown.py`); fewer calls also suit a
+    A block computes the keys up to its last query, so more blocks skip more masked-out keys, but each
+    block is one more masked kernel call with its own mask, and small calls run inefficiently. On CPU,
+    forward+backward of the masked kernel over 25% of the queries at 256, 1,024 and 4,096 tokens was
+    fastest with blocks of about 256 queries: 4 blocks at 4,096 took 0.42 of the causal kernel's time,
+    16 blocks of 64 took 0.52, although they compute fewer scores; at 256 and 1,024 tokens one block
+    beat 3 or 4 small ones (`benchmarks/breakdown.py`, docs/benchmarks.md). Fewer calls also suit a
     launch-bound GPU.
     """
-    size = min(block, max(min_block, math.ceil(num_queries / min_blocks)))
+    if num_queries == 0:
+        return []
+    size = math.ceil(num_queries / math.ceil(num_queries / block))
     return [(start, min(start + size, num_queries)) for start in range(0, num_queries, size)]
 
 
@@ -216,7 +230,7 @@ class RoutedAttention(nn.Module):
                     block_queries[i],
                     block_keys_values[2 * i],
                     block_keys_values[2 * i + 1],
-                    allowed[:, None],
+                    allowed,
                     dropout=dropout,
                     scaling=self.scaling,
                     is_causal=False,
@@ -233,7 +247,7 @@ class RoutedAttention(nn.Module):
         batch, heads, _, head_dim = queries.shape
         total = keys.shape[2]
         allowed = self._mask(global_index, torch.arange(total, device=keys.device), key_mask)
-        _, weights = eager_attention_forward(self, queries, keys, values, allowed[:, None], self.scaling, dropout)
+        _, weights = eager_attention_forward(self, queries, keys, values, allowed, self.scaling, dropout)
         if query_valid is not None:
             weights = weights * query_valid[:, None, :, None].to(weights.dtype)
         local = global_index - (total - length)
@@ -247,10 +261,13 @@ class RoutedAttention(nn.Module):
         return output, attentions, flops
 
     def _mask(self, query_index, key_positions, key_mask):
-        """(B, Mq, K) bool: causally visible real keys; every query may always see itself (no empty rows)."""
+        """(B, 1, Mq, K) bool: causally visible real keys, every query always seeing itself (no empty rows);
+        None when every key is visible (not causal, nothing padded)."""
         keys = key_positions[None, None, :]
         queries = query_index[..., None]
-        allowed = keys <= queries if self.is_causal else torch.ones_like(keys, dtype=torch.bool)
-        if key_mask is not None:
-            allowed = allowed & key_mask[:, None, : key_positions.shape[0]].to(allowed.device)
-        return allowed | (keys == queries)
+        if key_mask is None:
+            return (keys <= queries)[:, None] if self.is_causal else None  # causal: a query sees itself
+        allowed = key_mask[:, None, : key_positions.shape[0]].to(queries.device)
+        if self.is_causal:
+            allowed = allowed & (keys <= queries)
+        return (allowed | (keys == queries))[:, None]

@@ -61,10 +61,11 @@ def test_default_model_at_25_percent_does_at_most_three_eighths_of_the_attention
     # (0 + 0.25 + 0.25 + 1) / 4 = 0.375: the paper's "62.5% fewer attention FLOPs"
     assert report["attention_query_fraction"] <= 0.375 + 0.025
     # Everything executed (K/V for every token, Q/O and key blocks for routed queries) costs more, and
-    # approaches the query fraction as the sequence grows (0.545 at T=256, 0.489 at T=1024 against the
-    # fused causal baseline; docs/architecture.md works the numbers out).
+    # approaches the query fraction as the sequence grows (0.547 at T=256, 0.519 at T=1024 against the
+    # fused causal baseline, where one block of up to 256 queries sees every key up to its last query;
+    # docs/architecture.md works the numbers out).
     assert report["attention_query_fraction"] < report["attention_flops_fraction"]
-    assert report["attention_flops_fraction"] <= {256: 0.56, 1024: 0.50}[length]
+    assert report["attention_flops_fraction"] <= {256: 0.57, 1024: 0.53}[length]
 
 
 def test_routing_report_shares_and_entropy():
