@@ -7,7 +7,8 @@ Queries and keys are L2-normalised per head: the kernel lives on the unit sphere
 exponent stays within a few units and nothing overflows in fp32 (features are computed in fp32).
 
 Causal mode keeps prefix sums of phi(k) v^T and phi(k): a fixed-size state per head, O(T R d) in
-all. Every token contributes keys to the state; only the tokens routed to RBF read from it.
+all. Every token contributes keys to the state; only the tokens routed to RBF are read out, though
+the chunked read runs over every position (see `_causal`: cheaper than a state per query).
 """
 
 import math
@@ -19,7 +20,6 @@ from .flops import linear_flops
 from .fp32_buffers import KeepsFP32Buffers
 
 CHUNK = 32  # prefix states are materialised once per chunk; queries add their chunk's earlier keys
-QUERY_BLOCK = 256  # gathered queries are processed in blocks to bound memory
 
 
 def rbf_features(num_heads, head_dim, num_features, layer_idx, device=None):
@@ -81,7 +81,7 @@ class RBFMixing(KeepsFP32Buffers):
             normaliser = key_features.sum(dim=1)  # (B, h, R)
             numerator = torch.einsum("bmhr,bhre->bmhe", query_features, state)
             denominator = torch.einsum("bmhr,bhr->bmh", query_features, normaliser)
-            flops += 2 * batch * length * h * r * hd + 4 * batch * num_queries * h * r * hd
+            flops += 2 * batch * length * h * r * hd + 2 * batch * num_queries * h * r * (hd + 1)
         else:
             initial = None
             if cache is not None and cache.rbf_state[self.layer_idx] is not None:
@@ -96,14 +96,20 @@ class RBFMixing(KeepsFP32Buffers):
 
     def _causal(self, key_features, values, query_features, query_index, initial=None):
         """Prefix sums over chunks (plus `initial`, the state before this input); returns the queries'
-        numerators and denominators, the state after the input, and the FLOPs."""
+        numerators and denominators, the state after the input, and the FLOPs.
+
+        The queries' features are placed at their positions in a zero tensor, and every chunk then
+        multiplies its prefix state and its own causal key block once (batched matmuls over every
+        position). Gathering a (h, R, hd) state per query instead moved R x hd values per query and
+        head, and its backward (an accumulating index_put) took most of the layer's time.
+        """
         batch, length, h, r = key_features.shape
         hd = values.shape[-1]
         chunk_size = max(1, min(CHUNK, length))  # a decoding step (length 1) needs no 32-token chunk
         num_chunks = math.ceil(length / chunk_size)
-        pad = num_chunks * chunk_size - length
-        kf = nn.functional.pad(key_features, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, chunk_size, h, r)
-        vv = nn.functional.pad(values, (0, 0, 0, 0, 0, pad)).view(batch, num_chunks, chunk_size, h, hd)
+        padded = num_chunks * chunk_size
+        kf = nn.functional.pad(key_features, (0, 0, 0, 0, 0, padded - length)).view(batch, num_chunks, chunk_size, h, r)
+        vv = nn.functional.pad(values, (0, 0, 0, 0, 0, padded - length)).view(batch, num_chunks, chunk_size, h, hd)
         # State before each chunk: exclusive prefix sums of per-chunk sums.
         chunk_state = torch.einsum("bcthr,bcthe->bchre", kf, vv)
         chunk_norm = kf.sum(dim=2)
@@ -114,26 +120,17 @@ class RBFMixing(KeepsFP32Buffers):
             prefix_state = prefix_state + initial[0][:, None]
             prefix_norm = prefix_norm + initial[1][:, None]
             final_state, final_norm = final_state + initial[0], final_norm + initial[1]
-        flops = 2 * batch * num_chunks * chunk_size * h * r * hd
 
-        numerators, denominators = [], []
-        offsets = torch.arange(chunk_size, device=key_features.device)
-        rows = torch.arange(batch, device=key_features.device)[:, None]
-        for start in range(0, query_index.shape[1], QUERY_BLOCK):
-            index = query_index[:, start : start + QUERY_BLOCK]
-            qf = query_features[:, start : start + QUERY_BLOCK]
-            chunk = index // chunk_size
-            state, norm = prefix_state[rows, chunk], prefix_norm[rows, chunk]  # (B, m, h, R, hd), (B, m, h, R)
-            # Keys of the query's own chunk at or before it.
-            local_k, local_v = kf[rows, chunk], vv[rows, chunk]  # (B, m, C, h, R), (B, m, C, h, hd)
-            visible = (chunk[..., None] * chunk_size + offsets) <= index[..., None]  # (B, m, C)
-            scores = torch.einsum("bmhr,bmchr->bmhc", qf, local_k) * visible[:, :, None, :]
-            numerators.append(
-                torch.einsum("bmhr,bmhre->bmhe", qf, state) + torch.einsum("bmhc,bmche->bmhe", scores, local_v)
-            )
-            denominators.append(torch.einsum("bmhr,bmhr->bmh", qf, norm) + scores.sum(dim=-1))
-            flops += 2 * batch * index.shape[1] * h * (r * hd + r + chunk_size * (r + hd))
-        if not numerators:
-            empty = query_features.new_zeros(batch, 0, h, hd)
-            return empty, empty[..., 0], (final_state, final_norm), flops
-        return torch.cat(numerators, dim=1), torch.cat(denominators, dim=1), (final_state, final_norm), flops
+        # Query slots hold distinct positions (gather_selected pads rows with unselected ones).
+        slots = query_index[..., None, None]
+        qf = query_features.new_zeros(batch, padded, h, r).scatter(1, slots.expand(-1, -1, h, r), query_features)
+        qf = qf.view(batch, num_chunks, chunk_size, h, r)
+        causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=qf.device).tril()
+        scores = torch.einsum("bcthr,bcshr->bchts", qf, kf) * causal  # a query sees its chunk's keys up to itself
+        numerator = torch.einsum("bcthr,bchre->bcthe", qf, prefix_state) + torch.einsum("bchts,bcshe->bcthe", scores, vv)
+        denominator = torch.einsum("bcthr,bchr->bcth", qf, prefix_norm) + scores.sum(dim=-1).transpose(2, 3)
+        numerator = numerator.reshape(batch, padded, h, hd).gather(1, slots.expand(-1, -1, h, hd))
+        denominator = denominator.reshape(batch, padded, h).gather(1, slots[..., 0].expand(-1, -1, h))
+        flops = 2 * batch * padded * h * r * hd  # chunk states
+        flops += 2 * batch * padded * h * (r * hd + r + chunk_size * (r + hd))  # every position's read
+        return numerator, denominator, (final_state, final_norm), flops
