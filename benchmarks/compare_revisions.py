@@ -3,7 +3,8 @@
 Extracts `modeling_chiar/` at REV into a temporary folder (imported as its own package), builds the
 default CHIAR model (threshold router calibrated to 25%) from both, and times forward+backward of
 the body in interleaved rounds with the full-attention baseline (working tree) in the same process:
-what a change to the model code gained or lost, measured on this machine's current speed. It also
+what a change to the model code gained or lost, measured on this machine's current speed (each
+CHIAR row also gets its per-round speed-up over the old code, `vs_old`). It also
 loads the working tree's weights into the old code and reports whether both compute the same
 outputs and routing (eval mode) on the timed batch.
 
@@ -83,13 +84,15 @@ def main():
             difference = same_outputs(models["chiar (working tree)"], models[f"chiar ({args.old})"], ids)
             steps = {name: (lambda m=model: m(ids).last_hidden_state.square().mean().backward()) for name, model in models.items()}
             times = interleaved_rounds(steps, args.rounds, torch.device("cpu"))
+            old_times = times[f"chiar ({args.old})"]
             for name, values in times.items():
                 row = {"length": length, "model": name, "seconds": statistics.median(values),
                        "vs_baseline": paired_speedup(times["baseline"], values), "seconds_all_rounds": values}
                 if name.startswith("chiar"):
-                    row.update(difference)
+                    row.update(difference, vs_old=paired_speedup(old_times, values))
                 rows.append(row)
-                print(f"T={length:5} {name:28} {row['seconds'] * 1000:8.1f} ms  x{row['vs_baseline']:.2f} vs baseline")
+                versus_old = f", x{row['vs_old']:.3f} vs {args.old}" if "vs_old" in row else ""
+                print(f"T={length:5} {name:28} {row['seconds'] * 1000:8.1f} ms  x{row['vs_baseline']:.2f} vs baseline{versus_old}")
             print(f"T={length:5} same weights, eval: max |output difference| {difference['max_abs_output_difference']:.3g}, "
                   f"same routing: {difference['same_routing']}")
     if args.output:

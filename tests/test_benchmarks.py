@@ -64,6 +64,7 @@ def test_revision_comparison_imports_the_old_code_beside_the_new(tmp_path):
     assert [row["model"] for row in result["rows"]] == ["baseline", "chiar (working tree)", "chiar (HEAD)"]
     old = result["rows"][2]
     assert isinstance(old["same_routing"], bool) and old["max_abs_output_difference"] >= 0
+    assert old["vs_old"] == 1.0 and result["rows"][1]["vs_old"] > 0
 
 
 def test_revision_comparison_names_a_revision_it_cannot_read(tmp_path):
