@@ -10,8 +10,12 @@ medians, first round warm-up, all against the full-attention baseline measured i
 - one layer's token mixer, fed the same hidden states (CHIAR's layer-1 input): full attention
   (the baseline's), routed (CHIAR's) and DCT;
 - the attention kernel alone: causal SDPA over every token against CHIAR's blocked, masked SDPA
-  over the routed queries (the same positions, the same `query_blocks`), and the same with the
-  smaller blocks of 64 queries the model used before.
+  over the routed queries (the same positions, the same `query_blocks`), and the same with smaller
+  blocks (`--other_block`, default 64);
+- arithmetic on those: the share of the causal kernel's scores the routed queries can see, and the
+  speed-up CHIAR's body would have if its two routed layers' kernels computed exactly those scores
+  at the causal kernel's speed per score (the best a block-sparse kernel could do): each body
+  round's CHIAR time less, per routed layer, the kernel time that would save.
 
     python benchmarks/breakdown.py --length 4096 --output benchmarks/results/breakdown-4096-cpu.json
     python benchmarks/breakdown.py --length 256 --target 1.15 --output benchmarks/results/breakdown-256-cpu.json
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 
 from common import calibrated_model, describe_device, default_device, interleaved_rounds, paired_speedup
 from modeling_chiar import ChiarConfig, ChiarModel
+from modeling_chiar.modeling_chiar import gather_selected
 from modeling_chiar.operator_attention import masked_sdpa_kernels, query_blocks
 
 SCHEDULES = {
@@ -72,13 +77,14 @@ def backward_of(fn):
 def kernel_steps(routed_positions, length, heads, head_dim, device, block=256):
     """Causal SDPA over every token, and the routed queries' blocked masked SDPA, on random q, k, v.
 
-    `block`: the query block size given to `query_blocks` (the model's own is 256; 64 was the old one).
+    `block`: the largest query block given to `query_blocks` (the model's own is 256).
     """
     batch = routed_positions.shape[0]
     q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, requires_grad=True) for _ in range(3))
     positions = routed_positions.to(device)
     num_queries = positions.shape[1]
-    blocks = [(start, end, int(positions[:, end - 1].max()) + 1) for start, end in query_blocks(num_queries, block=block)]
+    # A block sees the keys up to the latest position among its slots (fillers included), as in the model.
+    blocks = [(start, end, int(positions[:, :end].max()) + 1) for start, end in query_blocks(num_queries, block=block)]
     queries = q[:, :, :num_queries]  # which rows do not matter for the cost; their positions do
 
     def causal():
@@ -107,6 +113,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--target", type=float, default=1.7, help="speed-up over the baseline to budget for")
+    parser.add_argument("--other_block", type=int, default=64, help="the smaller query blocks the kernel is also timed with")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -119,6 +126,7 @@ def main():
     body = medians(body_rounds)
 
     chiar, baseline = models["chiar-threshold"], models["baseline"]
+    routed_layers = chiar.config.layer_schedule.count("routed")
     x, ctx = capture_mixer_input(chiar, ids)
     x = x.clone().requires_grad_(True)
     routed_mixer, dct_mixer, full_mixer = chiar.layers[1].mixer, chiar.layers[0].mixer, baseline.layers[1].mixer
@@ -133,14 +141,21 @@ def main():
         routing = chiar(ids, output_routing=True).routing[1]
     attention_id = routing.operators.index("attention")
     selected = routing.operator_ids == attention_id
-    count = int(selected.sum(dim=1).min())  # same count per row, for a rectangular batch
-    positions = torch.stack([row.nonzero().squeeze(1)[:count] for row in selected])
+    # The query slots the model itself runs: rows padded with filler positions to the longest row.
+    positions, valid, _ = gather_selected(selected)
     shape = (positions, args.length, chiar.config.num_attention_heads, chiar.config.head_dim, device)
     causal, routed = kernel_steps(*shape)
-    _, routed_small_blocks = kernel_steps(*shape, block=64)
+    _, routed_small_blocks = kernel_steps(*shape, block=args.other_block)
+    small = f"same, blocks of at most {args.other_block}"
     kernel_rounds = interleaved_rounds({"causal, every token": causal, "blocked masked, routed 25%": routed,
-                           "same, 64-query blocks": routed_small_blocks}, args.rounds, device)
+                                        small: routed_small_blocks}, args.rounds, device)
     kernels = medians(kernel_rounds)
+    # Scores a routed query at position p can see: p + 1; the causal kernel computes T (T + 1) / 2 per row.
+    visible = float(((positions + 1) * valid).sum()) / positions.shape[0] / (args.length * (args.length + 1) / 2)
+    # What such a kernel would save per routed layer (paired by kernel round), taken off each body round.
+    saving = statistics.median(r - visible * c for r, c in zip(kernel_rounds["blocked masked, routed 25%"],
+                                                               kernel_rounds["causal, every token"]))
+    ideal = statistics.median(b / (c - routed_layers * saving) for b, c in zip(body_rounds["baseline"], body_rounds["chiar-threshold"]))
 
     needed = body["baseline"] / args.target
     floor = body["floor (routed layers as DCT)"]
@@ -156,11 +171,14 @@ def main():
         "ratios": {
             "chiar vs baseline": paired_speedup(body_rounds["baseline"], body_rounds["chiar-threshold"]),
             "floor vs baseline": paired_speedup(body_rounds["baseline"], body_rounds["floor (routed layers as DCT)"]),
-            "routed layer above a DCT layer (s, in the body)": (body["chiar-threshold"] - floor) / 2,
-            f"routed layer above a DCT layer for {args.target}x (s)": (needed - floor) / 2,
+            "routed layer above a DCT layer (s, in the body)": (body["chiar-threshold"] - floor) / routed_layers,
+            "visible scores of the routed queries / causal kernel's scores": visible,
+            "chiar vs baseline with a kernel computing only those, at the causal kernel's speed (estimate)": ideal,
+            f"routed layer above a DCT layer for {args.target}x (s)": (needed - floor) / routed_layers,
             "routed mixer / full attention mixer": 1 / paired_speedup(mixer_rounds["full attention (baseline)"], mixer_rounds["routed (CHIAR)"]),
             "routed kernel / causal kernel": 1 / paired_speedup(kernel_rounds["causal, every token"], kernel_rounds["blocked masked, routed 25%"]),
-            "routed kernel, 64-query blocks / causal kernel": 1 / paired_speedup(kernel_rounds["causal, every token"], kernel_rounds["same, 64-query blocks"]),
+            f"routed kernel, blocks of at most {args.other_block} / causal kernel":
+                1 / paired_speedup(kernel_rounds["causal, every token"], kernel_rounds[small]),
         },
     }
     for group, values in result["seconds"].items():

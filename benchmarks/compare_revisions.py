@@ -1,12 +1,12 @@
 """Training-step speed of the model code at another git revision against the working tree's, with the baseline.
 
 Extracts `modeling_chiar/` at REV into a temporary folder (imported as its own package), builds the
-default CHIAR model (threshold router calibrated to 25%) from both, and times forward+backward of
-the body in interleaved rounds with the full-attention baseline (working tree) in the same process:
-what a change to the model code gained or lost, measured on this machine's current speed (each
-CHIAR row also gets its per-round speed-up over the old code, `vs_old`). It also
-loads the working tree's weights into the old code and reports whether both compute the same
-outputs and routing (eval mode) on the timed batch.
+same CHIAR model from both (default: threshold router calibrated to 25%; `--variant` picks another
+of speed.py's variants), and times forward+backward of the body in interleaved rounds with the
+full-attention baseline (working tree) in the same process: what a change to the model code gained
+or lost, measured on this machine's current speed (each CHIAR row also gets its per-round speed-up
+over the old code, `vs_old`). It also loads the working tree's weights into the old code and
+reports whether both compute the same outputs and routing (eval mode) on the timed batch.
 
     python benchmarks/compare_revisions.py --old 10e6f9b --lengths 256 1024 4096
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from common import calibrated_model, describe_device, interleaved_rounds, paired_speedup
+from speed import VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 8192
@@ -43,8 +44,8 @@ def package_at(revision, folder):
     return importlib.import_module("modeling_chiar_at_rev")
 
 
-def build(package, length, **schedule):
-    config = package.ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max(length, 2048), **schedule)
+def build(package, length, **options):
+    config = package.ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max(length, 2048), **options)
     return calibrated_model(package.ChiarModel, config)
 
 
@@ -67,6 +68,8 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per batch")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--variant", default="chiar-threshold", choices=[name for name in VARIANTS if name != "baseline"],
+                        help="the CHIAR model built from both revisions (benchmarks/speed.py's variants)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     import modeling_chiar as current
@@ -77,9 +80,9 @@ def main():
         for length in args.lengths:
             ids = torch.randint(0, VOCAB, (max(1, args.tokens // length), length), generator=torch.Generator().manual_seed(2))
             models = {
-                "baseline": build(current, length, layer_schedule=["attention"] * 4),
-                "chiar (working tree)": build(current, length),
-                f"chiar ({args.old})": build(old, length),
+                "baseline": build(current, length, **VARIANTS["baseline"]),
+                "chiar (working tree)": build(current, length, **VARIANTS[args.variant]),
+                f"chiar ({args.old})": build(old, length, **VARIANTS[args.variant]),
             }
             difference = same_outputs(models["chiar (working tree)"], models[f"chiar ({args.old})"], ids)
             steps = {name: (lambda m=model: m(ids).last_hidden_state.square().mean().backward()) for name, model in models.items()}
@@ -96,7 +99,7 @@ def main():
             print(f"T={length:5} same weights, eval: max |output difference| {difference['max_abs_output_difference']:.3g}, "
                   f"same routing: {difference['same_routing']}")
     if args.output:
-        result = {"benchmark": "compare_revisions", "old": args.old, "device": describe_device(torch.device("cpu")),
+        result = {"benchmark": "compare_revisions", "old": args.old, "variant": args.variant, "device": describe_device(torch.device("cpu")),
                   "torch": torch.__version__, "tokens_per_batch": args.tokens, "rounds": args.rounds, "rows": rows}
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2) + "\n")

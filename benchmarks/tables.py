@@ -5,6 +5,7 @@
 """
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -13,16 +14,28 @@ def incomplete(result):
     return "" if result.get("complete", True) else " **Incomplete: the run was stopped at its time bound; these are the rows it finished.**"
 
 
+def round_ratio_quartiles(result, row):
+    """First and third quartiles of the per-round baseline/model time ratios (the spread behind the median)."""
+    baseline = next(r for r in result["rows"] if r["model"] == "baseline"
+                    and all(r.get(key) == row.get(key) for key in ("target", "length", "mode")))
+    ratios = [b / m for b, m in zip(baseline["seconds_all_rounds"], row["seconds_all_rounds"])]
+    if row is baseline or len(ratios) < 2:
+        return "n/a"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{q1:.2f}-{q3:.2f}"
+
+
 def speed(result):
-    lines = [f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; {result['shape']}.{incomplete(result)}", "",
-             "| target | T | batch | mode | model | tokens/s | vs baseline | attention FLOPs | total FLOPs | attention query share | memory vs baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; {result['shape']}; "
+             f"{result['settings']['rounds']} timed rounds.{incomplete(result)}", "",
+             "| target | T | batch | mode | model | tokens/s | vs baseline | rounds' quartiles | attention FLOPs | total FLOPs | attention query share | memory vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         memory = f"{row['memory_vs_baseline']:.2f}" if row.get("memory_vs_baseline") else "n/a"
         lines.append(
             f"| {row['target']} | {row['length']} | {row['batch']} | {row['mode']} | {row['model']} | {row['tokens_per_s']:,.0f} | "
-            f"{row['speedup_vs_baseline']:.2f}x | {row['attention_flops_fraction']:.3f} | {row['total_flops_fraction']:.3f} | "
-            f"{row['attention_query_fraction']:.3f} | {memory} |"
+            f"{row['speedup_vs_baseline']:.2f}x | {round_ratio_quartiles(result, row)} | {row['attention_flops_fraction']:.3f} | "
+            f"{row['total_flops_fraction']:.3f} | {row['attention_query_fraction']:.3f} | {memory} |"
         )
     return "\n".join(lines)
 

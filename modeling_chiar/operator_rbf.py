@@ -100,8 +100,9 @@ class RBFMixing(KeepsFP32Buffers):
 
         The queries' features are placed at their positions in a zero tensor, and every chunk then
         multiplies its prefix state and its own causal key block once (batched matmuls over every
-        position). Gathering a (h, R, hd) state per query instead moved R x hd values per query and
-        head, and its backward (an accumulating index_put) took most of the layer's time.
+        position). The earlier read gathered a (h, R, hd) state per query, R x hd values per query
+        and head with an accumulating index_put as its backward; the 3-operator model trains 1.8-2.4x
+        faster with this one (`benchmarks/compare_revisions.py --variant chiar-3op`, docs/benchmarks.md).
         """
         batch, length, h, r = key_features.shape
         hd = values.shape[-1]

@@ -27,11 +27,11 @@ def spectral_entropy_from_coefficients(coefficients):
     """
     with torch.no_grad():
         tiny = torch.finfo(torch.float32).tiny
-        # max |c| from two reductions (no full-size |c| tensor; aminmax was slower on CPU than both)
+        # max |c| from two reductions, without a full-size |c| tensor
         high, low = coefficients.amax(dim=-1, keepdim=True), coefficients.amin(dim=-1, keepdim=True)
         scale = torch.maximum(high, low.neg()).float().clamp_min(tiny)
-        # One new (..., d) tensor and one temporary, the rest in place: each fresh full-size tensor
-        # costs page faults on CPU, and at 4,096 tokens this function took as long as the DCT matmul.
+        # One new (..., d) tensor and one temporary, the rest in place: on CPU every fresh full-size
+        # tensor is an allocation whose pages are faulted in on first touch.
         power = (coefficients.float() / scale).square_()
         total = power.sum(dim=-1)
         # H = -sum p log p with p = power / total, rewritten as log(total) - sum(power log power) / total:

@@ -65,6 +65,9 @@ def test_revision_comparison_imports_the_old_code_beside_the_new(tmp_path):
     old = result["rows"][2]
     assert isinstance(old["same_routing"], bool) and old["max_abs_output_difference"] >= 0
     assert old["vs_old"] == 1.0 and result["rows"][1]["vs_old"] > 0
+    result = run_script("compare_revisions.py", "--old", "HEAD", "--variant", "chiar-3op", "--lengths", "64", "--tokens", "256",
+                        "--rounds", "1", output=tmp_path / "compare-3op.json")
+    assert result["variant"] == "chiar-3op" and len(result["rows"]) == 3
 
 
 def test_revision_comparison_names_a_revision_it_cannot_read(tmp_path):
