@@ -122,10 +122,10 @@ def query_blocks(num_queries, block=256):
 
     A block computes the keys up to its last query, so more blocks skip more masked-out keys, but each
     block is one more masked kernel call with its own mask, and small calls run inefficiently. On CPU,
-    forward+backward of the masked kernel over 25% of the queries at 256, 1,024 and 4,096 tokens was
-    fastest with blocks of about 256 queries: 4 blocks at 4,096 took 0.42 of the causal kernel's time,
-    16 blocks of 64 took 0.52, although they compute fewer scores; at 256 and 1,024 tokens one block
-    beat 3 or 4 small ones (`benchmarks/breakdown.py`, docs/benchmarks.md). Fewer calls also suit a
+    forward+backward of the masked kernel over 25% of the queries took 0.43 of the causal kernel's
+    time at 4,096 tokens in blocks of 256 and 0.57 in blocks of 64, although those compute fewer
+    scores; at 256 and 1,024 tokens one block took 0.48, blocks of at most 32 or 64 (the sizes used
+    before) 0.56-0.68 (`benchmarks/breakdown.py`, docs/benchmarks.md). Fewer calls also suit a
     launch-bound GPU.
     """
     if num_queries == 0:
