@@ -17,8 +17,8 @@ medians, first round warm-up, all against the full-attention baseline measured i
   at the causal kernel's speed per score (the best a block-sparse kernel could do): each body
   round's CHIAR time less, per routed layer, the kernel time that would save.
 
-    python benchmarks/breakdown.py --length 4096 --output benchmarks/results/breakdown-4096-cpu.json
-    python benchmarks/breakdown.py --length 256 --target 1.15 --output benchmarks/results/breakdown-256-cpu.json
+    python benchmarks/breakdown.py --length 4096 --rounds 20 --output benchmarks/results/breakdown-4096-cpu.json
+    python benchmarks/breakdown.py --length 256 --rounds 20 --target 1.15 --other_block 32 --output benchmarks/results/breakdown-256-cpu.json
 """
 
 import argparse
