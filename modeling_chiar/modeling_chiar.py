@@ -94,6 +94,13 @@ class MixContext:
     # Threshold-router thresholds as they were when the pass started: the update that follows the pass
     # must not reach a gradient-checkpointing recomputation of it.
     thresholds: dict | None = None
+    _real_tokens: int | None = None
+
+    def real_tokens(self):
+        """Number of real tokens of this pass, read from the device once per forward, when first needed."""
+        if self._real_tokens is None:
+            self._real_tokens = int(self.token_mask.sum()) if self.token_mask is not None else self.positions.numel()
+        return self._real_tokens
 
 
 def gather_selected(selected):
@@ -163,7 +170,7 @@ class TokenMixer(nn.Module):
             if name == "dct":
                 op_out, op_flops = self._run_dct(x, ctx.dct, selected, output)
             else:
-                op_out, op_flops, op_attn, queries = self._run_mixing(name, x, ctx, selected, output)
+                op_out, op_flops, op_attn, queries = self._run_mixing(name, x, ctx, selected, output, takes_padding=k == 0)
                 if name == "attention":
                     attentions, attention_flops, attention_queries = op_attn, op_flops, queries
             if selected is not None:
@@ -205,21 +212,23 @@ class TokenMixer(nn.Module):
         output.view(-1, d).index_copy_(0, rows, mixed.to(output.dtype))
         return output, linear_flops(rows.shape[0], d, d)
 
-    def _run_mixing(self, name, x, ctx, selected, output):
+    def _run_mixing(self, name, x, ctx, selected, output, takes_padding):
         """Attention or RBF for every token (returned), or the selected ones (added into `output`).
 
-        Also returns how many real tokens were queries, counted from the gather's own host sync.
+        Also returns how many real tokens were queries, counted from the gather's own host sync:
+        padding is routed to operator 0 (`takes_padding`), so any other operator selected real tokens only.
         """
         operator = self.attention if name == "attention" else self.rbf
         batch, length, d = x.shape
         index = valid = None
         if selected is None:
-            queries = batch * length if ctx.token_mask is None else int(ctx.token_mask.sum())
+            queries = batch * length if ctx.token_mask is None else ctx.real_tokens()
         else:
             index, valid, counts = gather_selected(selected)
             if max(counts, default=0) == 0 and ctx.cache is None:
                 return output, 0.0, None, 0
-            queries = sum(counts) if ctx.token_mask is None else int((selected & ctx.token_mask).sum())
+            padded = ctx.token_mask is not None and takes_padding
+            queries = int((selected & ctx.token_mask).sum()) if padded else sum(counts)
         if name == "attention":
             out, attn, flops = operator(x, ctx.rope, index, ctx.key_mask, ctx.output_attentions, ctx.cache, valid)
         else:
