@@ -35,17 +35,21 @@ def calibrated_model(model_class, config, device=torch.device("cpu"), dtype=None
     return model
 
 
+def sync(device):
+    """Wait for the GPU's queued work, so wall-clock timings cover it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def interleaved_rounds(steps, rounds, device):
     """Seconds of each step per round, steps interleaved (A B C A B C ...); round 0 is warm-up, dropped."""
     times = {name: [] for name in steps}
     for round_index in range(rounds + 1):
         for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if round_index:
                 times[name].append(time.perf_counter() - start)
     return times

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import RESULTS, describe_device, paired_speedup, timing_parser, timing_settings
+from common import RESULTS, describe_device, paired_speedup, sync, timing_parser, timing_settings
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 
 PROFILES = {
@@ -47,11 +47,6 @@ def build(name, max_length, device, dtype):
         for _ in range(4):
             model(torch.randint(0, 8192, (2, min(256, max_length)), generator=generator).to(device))
     return model.eval()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.inference_mode()

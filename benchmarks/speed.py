@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from common import RESULTS, calibrated_model, describe_device, interleaved_rounds, paired_speedup, timing_parser, timing_settings
+from common import RESULTS, calibrated_model, describe_device, interleaved_rounds, paired_speedup, sync, timing_parser, timing_settings
 from modeling_chiar import ChiarConfig, ChiarForCausalLM, ChiarModel, routing_report
 
 PROFILES = {
@@ -39,11 +39,6 @@ VOCAB = 8192
 def build(model_class, variant, max_length, device, dtype):
     config = ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max_length, **VARIANTS[variant])
     return calibrated_model(model_class, config, device, dtype)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_once(model, ids, backward):

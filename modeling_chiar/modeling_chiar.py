@@ -219,10 +219,10 @@ class TokenMixer(nn.Module):
         padding is routed to operator 0 (`takes_padding`), so any other operator selected real tokens only.
         """
         operator = self.attention if name == "attention" else self.rbf
-        batch, length, d = x.shape
+        d = x.shape[-1]
         index = valid = None
         if selected is None:
-            queries = batch * length if ctx.token_mask is None else ctx.real_tokens()
+            queries = ctx.real_tokens()
         else:
             index, valid, counts = gather_selected(selected)
             if max(counts, default=0) == 0 and ctx.cache is None:

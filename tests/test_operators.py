@@ -68,6 +68,15 @@ def test_rbf_prefix_sums_match_the_quadratic_reference(length, causal):
     assert subset_flops < flops
 
 
+def gradients_of(output, weights, x, op):
+    """Gradients of sum(output * weights) for the input x and every parameter of op; clears them after."""
+    (output * weights).sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in op.parameters()]
+    x.grad = None
+    op.zero_grad(set_to_none=True)
+    return grads
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_rbf_on_selected_queries_has_the_reference_gradient_and_counts_its_flops(causal):
     """Gradients through the routed read (scatter into chunks, gather back) equal the quadratic
@@ -79,19 +88,11 @@ def test_rbf_on_selected_queries_has_the_reference_gradient_and_counts_its_flops
     x = torch.randn(2, 70, 32, requires_grad=True)
     index = torch.stack([torch.randperm(70)[:25].sort().values for _ in range(2)])
     weights = torch.randn(2, 25, 32)
-
-    def gradients(output):
-        (output * weights).sum().backward()
-        grads = [x.grad.clone()] + [p.grad.clone() for p in op.parameters()]
-        x.grad = None
-        op.zero_grad(set_to_none=True)
-        return grads
-
-    expected = gradients(reference_rbf(op, x, causal=causal).gather(1, index[..., None].expand(-1, -1, 32)))
+    expected = gradients_of(reference_rbf(op, x, causal=causal).gather(1, index[..., None].expand(-1, -1, 32)), weights, x, op)
     with FlopCounterMode(display=False) as counter:
         output, flops = op(x, query_index=index)
     assert flops == counter.get_total_flops()
-    for a, e in zip(gradients(output), expected):
+    for a, e in zip(gradients_of(output, weights, x, op), expected):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
 
 
@@ -155,16 +156,8 @@ def test_attention_on_selected_queries_has_the_dense_gradient(implementation, ca
     rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(length).expand(2, length), x.dtype)
     index = torch.stack([torch.randperm(length)[:queries].sort().values for _ in range(2)])
     weights = torch.randn(2, queries, 32)
-
-    def gradients(output):
-        (output * weights).sum().backward()
-        grads = [x.grad.clone()] + [p.grad.clone() for p in op.parameters()]
-        x.grad = None
-        op.zero_grad(set_to_none=True)
-        return grads
-
-    expected = gradients(dense_reference_attention(op, x, rope, causal).gather(1, index[..., None].expand(-1, -1, 32)))
-    actual = gradients(op(x, rope, query_index=index)[0])
+    expected = gradients_of(dense_reference_attention(op, x, rope, causal).gather(1, index[..., None].expand(-1, -1, 32)), weights, x, op)
+    actual = gradients_of(op(x, rope, query_index=index)[0], weights, x, op)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
