@@ -128,6 +128,8 @@ def query_blocks(num_queries, block=256):
     before) 0.56-0.68 (`benchmarks/breakdown.py`, docs/benchmarks.md). Fewer calls also suit a
     launch-bound GPU.
     """
+    if block < 1:
+        raise ValueError(f"query blocks hold at least one query, got a block size of {block}")
     if num_queries == 0:
         return []
     size = math.ceil(num_queries / math.ceil(num_queries / block))

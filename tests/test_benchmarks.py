@@ -56,6 +56,17 @@ def test_breakdown_reports_the_floor_and_the_kernel_ratio(tmp_path):
     assert result["seconds"]["body"]["floor (routed layers as DCT)"] > 0
 
 
+def test_split_kernel_matches_the_model_kernel(tmp_path):
+    # Blocks of 16 and 8 routed queries at 256 tokens: several blocks, so the merged prefix is exercised.
+    result = run_script("split_kernel.py", "--length", "256", "--rounds", "1", "--blocks", "16", "8",
+                        output=tmp_path / "split.json")
+    split = {name: row for name, row in result["rows"].items() if name.startswith("split")}
+    assert set(split) == {"split, blocks of 16", "split, blocks of 8"}
+    for row in split.values():
+        assert row["max abs difference from the model's kernel (output, gradients)"] < 1e-4
+        assert result["visible scores / causal kernel's"] <= row["computed scores / causal kernel's"] < 1.0
+
+
 def test_revision_comparison_imports_the_old_code_beside_the_new(tmp_path):
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout: nothing to compare against")

@@ -162,6 +162,20 @@ def test_attention_on_selected_queries_has_the_dense_gradient(implementation, ca
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_queries, block", [(0, 256), (1, 256), (256, 256), (257, 256), (1000, 256), (10, 3)])
+def test_query_blocks_are_equal_contiguous_and_bounded(num_queries, block):
+    blocks = query_blocks(num_queries, block=block)
+    assert [index for start, end in blocks for index in range(start, end)] == list(range(num_queries))
+    sizes = [end - start for start, end in blocks]
+    assert all(size <= block for size in sizes) and len(set(sizes[:-1])) <= 1  # equal but for a shorter last one
+    assert len(blocks) == -(-num_queries // block)  # as few blocks as the bound allows
+
+
+def test_query_blocks_name_a_block_size_below_one():
+    with pytest.raises(ValueError, match="block size of 0"):
+        query_blocks(10, block=0)
+
+
 def test_masked_sdpa_calls_avoid_cudnn_on_cuda_only():
     """cuDNN's masked SDPA backward returns NaN (pytorch#196678): routed blocks must not reach it on CUDA."""
     before = torch.backends.cuda.cudnn_sdp_enabled()
