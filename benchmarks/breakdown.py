@@ -8,14 +8,16 @@ medians, first round warm-up, all against the full-attention baseline measured i
   layers replaced by DCT layers (`["dct", "dct", "dct", "attention"]`), what CHIAR would cost if
   routing and its 25% of attention were free;
 - one layer's token mixer, fed the same hidden states (CHIAR's layer-1 input): full attention
-  (the baseline's), routed (CHIAR's) and DCT;
+  (the baseline's), routed (CHIAR's) and DCT; and the keys and values a routed layer must make for
+  every token (k and v projections, RoPE on k), which no kernel can save;
 - the attention kernel alone: causal SDPA over every token against CHIAR's blocked, masked SDPA
-  over the routed queries (the same positions, the same `query_blocks`), and the same with smaller
-  blocks (`--other_block`, default 64);
+  over the routed queries (the same positions, the same `query_blocks` and `PrefixViews`), and the
+  same with smaller blocks (`--other_block`, default 64);
 - arithmetic on those: the share of the causal kernel's scores the routed queries can see, and the
   speed-up CHIAR's body would have if its two routed layers' kernels computed exactly those scores
   at the causal kernel's speed per score (the best a block-sparse kernel could do): each body
-  round's CHIAR time less, per routed layer, the kernel time that would save.
+  round's CHIAR time less, per routed layer, the kernel time that would save; and a bound: the
+  floor plus, per routed layer, only its keys and values and those scores at that speed.
 
     python benchmarks/breakdown.py --length 4096 --rounds 20 --output benchmarks/results/breakdown-4096-cpu.json
     python benchmarks/breakdown.py --length 256 --rounds 20 --target 1.15 --other_block 32 --output benchmarks/results/breakdown-256-cpu.json
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from common import calibrated_model, describe_device, default_device, interleaved_rounds, paired_speedup
 from modeling_chiar import ChiarConfig, ChiarModel
 from modeling_chiar.modeling_chiar import gather_selected
-from modeling_chiar.operator_attention import masked_sdpa_kernels, query_blocks
+from modeling_chiar.operator_attention import PrefixViews, apply_rotary, masked_sdpa_kernels, query_blocks
 
 SCHEDULES = {
     "baseline": ["attention"] * 4,
@@ -91,16 +93,30 @@ def kernel_steps(routed_positions, length, heads, head_dim, device, block=256):
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
     def routed():
+        # As the model: key and value prefixes through PrefixViews (one gradient buffer in backward).
+        prefixes = PrefixViews.apply([keys for _, _, keys in blocks], k, v)
+        block_queries = queries.split([end - start for start, end, _ in blocks], dim=2)
         outputs = []
         with masked_sdpa_kernels("sdpa", device):  # the kernels the model's masked calls may use
-            for start, end, keys in blocks:
+            for i, (start, end, keys) in enumerate(blocks):
                 mask = torch.arange(keys, device=device)[None, None, :] <= positions[:, start:end, None]
                 outputs.append(F.scaled_dot_product_attention(
-                    queries[:, :, start:end], k[:, :, :keys], v[:, :, :keys], attn_mask=mask[:, None]
+                    block_queries[i], prefixes[2 * i], prefixes[2 * i + 1], attn_mask=mask[:, None]
                 ))
             torch.cat(outputs, dim=2).sum().backward()
 
     return causal, routed
+
+
+def keys_and_values(attention, x, rope):
+    """The part of a routed layer the spec fixes whatever the kernel: k and v projected (k rotated)
+    for every token, forward and backward."""
+    def step():
+        keys = apply_rotary(attention._heads(attention.k_proj(x)), *rope)
+        values = attention.v_proj(x)
+        (keys.float().square().mean() + values.float().square().mean()).backward()
+
+    return step
 
 
 def medians(times):
@@ -134,6 +150,7 @@ def main():
         "full attention (baseline)": backward_of(lambda: full_mixer(x, ctx)[0]),
         "routed (CHIAR)": backward_of(lambda: routed_mixer(x, ctx)[0]),
         "dct": backward_of(lambda: dct_mixer(x, ctx)[0]),
+        "keys and values of every token": keys_and_values(routed_mixer.attention, x, ctx.rope),
     }, args.rounds, device)
     mixers = medians(mixer_rounds)
 
@@ -157,6 +174,13 @@ def main():
                                                                kernel_rounds["causal, every token"]))
     ideal = statistics.median(b / (c - routed_layers * saving) for b, c in zip(body_rounds["baseline"], body_rounds["chiar-threshold"]))
 
+    # Upper bound: routed layers that cost a DCT layer plus only what no kernel can save (keys and
+    # values for every token) and the visible scores at the causal kernel's speed.
+    bound = statistics.median(
+        b / (f + routed_layers * (visible * c + kv)) for b, f, c, kv in zip(
+            body_rounds["baseline"], body_rounds["floor (routed layers as DCT)"],
+            kernel_rounds["causal, every token"], mixer_rounds["keys and values of every token"]))
+
     needed = body["baseline"] / args.target
     floor = body["floor (routed layers as DCT)"]
     result = {
@@ -174,6 +198,7 @@ def main():
             "routed layer above a DCT layer (s, in the body)": (body["chiar-threshold"] - floor) / routed_layers,
             "visible scores of the routed queries / causal kernel's scores": visible,
             "chiar vs baseline with a kernel computing only those, at the causal kernel's speed (estimate)": ideal,
+            "chiar vs baseline if a routed layer cost a DCT layer, its keys and values and those scores (bound)": bound,
             f"routed layer above a DCT layer for {args.target}x (s)": (needed - floor) / routed_layers,
             "routed mixer / full attention mixer": 1 / paired_speedup(mixer_rounds["full attention (baseline)"], mixer_rounds["routed (CHIAR)"]),
             "routed kernel / causal kernel": 1 / paired_speedup(kernel_rounds["causal, every token"], kernel_rounds["blocked masked, routed 25%"]),
