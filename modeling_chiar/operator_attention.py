@@ -122,11 +122,12 @@ def query_blocks(num_queries, block=256):
 
     A block computes the keys up to its last query, so more blocks skip more masked-out keys, but each
     block is one more masked kernel call with its own mask, and small calls run inefficiently. On CPU,
-    forward+backward of the masked kernel over 25% of the queries took 0.43 of the causal kernel's
-    time at 4,096 tokens in blocks of 256 and 0.57 in blocks of 64, although those compute fewer
-    scores; at 256 and 1,024 tokens one block took 0.48, blocks of at most 32 or 64 (the sizes used
-    before) 0.56-0.68 (`benchmarks/breakdown.py`, docs/benchmarks.md). Fewer calls also suit a
-    launch-bound GPU.
+    forward+backward of the masked kernel over 25% of the queries took 0.40-0.41 of the causal
+    kernel's time at 4,096 tokens in blocks of 256 and 0.51 in blocks of 64, although those compute
+    fewer scores; at 256 tokens one block took 0.50, blocks of at most 32 (the size used before) 0.65;
+    at 1,024, 0.47 and 0.48 in blocks of 64 (`benchmarks/breakdown.py`, docs/benchmarks.md). Unmasking
+    each block's shared key prefix does not change that (`benchmarks/split_kernel.py`). Fewer calls
+    also suit a launch-bound GPU.
     """
     if block < 1:
         raise ValueError(f"query blocks hold at least one query, got a block size of {block}")
