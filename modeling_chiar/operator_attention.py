@@ -125,9 +125,9 @@ def query_blocks(num_queries, block=256):
     forward+backward of the masked kernel over 25% of the queries took 0.40-0.41 of the causal
     kernel's time at 4,096 tokens in blocks of 256 and 0.51 in blocks of 64, although those compute
     fewer scores; at 256 tokens one block took 0.50, blocks of at most 32 (the size used before) 0.65;
-    at 1,024, 0.47 and 0.48 in blocks of 64 (`benchmarks/breakdown.py`, docs/benchmarks.md). Unmasking
-    each block's shared key prefix does not change that (`benchmarks/split_kernel.py`). Fewer calls
-    also suit a launch-bound GPU.
+    at 1,024, 0.47 and 0.48 in blocks of 64 (`benchmarks/breakdown.py`, docs/benchmarks.md). Splitting
+    the work otherwise over torch's CPU flash kernel saved at most 9% of the kernel's time
+    (`benchmarks/split_kernel.py`). Fewer calls also suit a launch-bound GPU.
     """
     if block < 1:
         raise ValueError(f"query blocks hold at least one query, got a block size of {block}")
