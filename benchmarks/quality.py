@@ -148,7 +148,7 @@ def plot(results, path_prefix, title):
     flops_path = Path(f"{path_prefix}-flops.png")
     figure.savefig(flops_path, dpi=120)
     plt.close("all")
-    return [str(curve_path.relative_to(ROOT)), str(flops_path.relative_to(ROOT))]
+    return [str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path) for path in (curve_path, flops_path)]
 
 
 def wikitext(args, settings, device, dtype, save):
@@ -167,7 +167,7 @@ def wikitext(args, settings, device, dtype, save):
     return results
 
 
-def classification(args, settings, task, save):
+def classification(args, settings, task, save, results_dir):
     import sys
 
     sys.path.insert(0, str(ROOT))  # run_classification.py lives at the repository root
@@ -176,7 +176,7 @@ def classification(args, settings, task, save):
     results = []
     quick = args.profile == "quick"
     for name, overrides in (("baseline", 'layer_schedule=["attention","attention","attention","attention"]'), ("chiar", "")):
-        out = RESULTS / f"runs-{task}-{args.profile}-{name}"
+        out = results_dir / f"runs-{task}-{args.profile}-{name}"
         argv = ["--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
                 "--per_device_train_batch_size", "16", "--num_train_epochs", "2" if quick else "5"]
         if overrides:
@@ -188,7 +188,7 @@ def classification(args, settings, task, save):
             if quick:
                 argv += ["--max_train_samples", "4000", "--max_eval_samples", "1000", "--max_predict_samples", "2000"]
         else:
-            argv += ["--dataset_name", "listops", "--listops_dir", str(RESULTS / f"listops-{args.profile}")]
+            argv += ["--dataset_name", "listops", "--listops_dir", str(results_dir / f"listops-{args.profile}")]
             if quick:
                 argv += ["--listops_num_train", "4000", "--listops_num_val", "500", "--listops_num_test", "500",
                          "--listops_min_length", "100", "--listops_max_length", "300", "--max_seq_length", "512"]
@@ -217,6 +217,7 @@ def main():
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--tag", default="", help="suffix for the result files (keeps an earlier run's files)")
+    parser.add_argument("--results_dir", type=Path, default=RESULTS, help="where the JSON, plots and runs go (default benchmarks/results)")
     args = parser.parse_args()
     settings = dict(PROFILES[args.profile])
     if args.steps:
@@ -226,8 +227,9 @@ def main():
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    prefix = RESULTS / f"quality-{args.task}-{args.profile}{'-' + args.tag if args.tag else ''}"
+    args.results_dir = args.results_dir.resolve()
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    prefix = args.results_dir / f"quality-{args.task}-{args.profile}{'-' + args.tag if args.tag else ''}"
     machine = describe_device(device)
 
     def save(results, complete):  # after every variant, so a run stopped early still leaves its results
@@ -243,7 +245,7 @@ def main():
     if args.task == "wikitext":
         results = wikitext(args, settings, device, dtype, save)
     else:
-        results = classification(args, settings, args.task, save)
+        results = classification(args, settings, args.task, save, args.results_dir)
     save(results, complete=True)
     print(f"wrote {prefix}.json")
 

@@ -68,6 +68,41 @@ def test_split_kernel_matches_the_model_kernel(tmp_path):
         assert result["visible scores / causal kernel's"] <= row["computed scores / causal kernel's"] < 1.0
 
 
+def tiny_wikitext(folder, words=(12000, 2000, 2000)):
+    """A WikiText-2-shaped folder of seeded random sentences: enough blocks of 256 tokens for a batch of 32."""
+    import random
+
+    rng = random.Random(0)
+    lexicon = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    (folder / "wikitext-2").mkdir(parents=True)
+    for split, count in zip(("train", "valid", "test"), words):
+        lines = [" ".join(rng.choice(lexicon) for _ in range(12)) + " ." for _ in range(count // 12)]
+        (folder / "wikitext-2" / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("profile, args", [
+    ("quick", ["--steps", "2", "--variants", "baseline", "chiar-threshold", "chiar-3op"]),
+    ("full", ["--epochs", "1", "--variants", "baseline", "chiar-learned"]),  # the GPU profile's code path, on the CPU
+])
+def test_quality_trains_every_variant_on_the_same_data_and_plots(tmp_path, profile, args):
+    data = tiny_wikitext(tmp_path / "data")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--profile", profile, "--data_dir", str(data),
+                           "--results_dir", str(tmp_path / "out"), "--device", "cpu", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / f"quality-wikitext-{profile}.json").read_text())
+    assert result["complete"] and [row["model"] for row in result["results"]] == args[args.index("--variants") + 1 :]
+    steps = {row["steps"] for row in result["results"]}
+    assert len(steps) == 1 and steps.pop() >= 1  # same steps for every variant
+    for row in result["results"]:
+        assert math.isfinite(row["valid_perplexity"]) and math.isfinite(row["test_perplexity"])
+        assert (row["attention_flops_fraction"] == 1.0) == (row["model"] == "baseline")
+    for plot in result["plots"]:
+        assert Path(plot).is_file()
+
+
 def test_revision_comparison_imports_the_old_code_beside_the_new(tmp_path):
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout: nothing to compare against")
