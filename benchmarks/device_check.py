@@ -114,6 +114,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--training_steps", type=int, default=60, help="bf16 training steps of the v1 shape")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -146,13 +147,13 @@ def main():
         failures += [f"{variant}: {p}" for p in problems]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    non_finite_step = bf16_training_stays_finite(device)
-    print("bf16 training, v1 shape, 60 steps: " + ("finite" if non_finite_step is None else f"NOT finite at step {non_finite_step}"))
+    non_finite_step = bf16_training_stays_finite(device, args.training_steps)
+    print(f"bf16 training, v1 shape, {args.training_steps} steps: " + ("finite" if non_finite_step is None else f"NOT finite at step {non_finite_step}"))
     if non_finite_step is not None:
         failures.append(f"bf16 training went non-finite at step {non_finite_step}")
     device_name = describe_device(device)
     record = {"benchmark": "device_check", "device": device_name, "torch": torch.__version__, "failures": failures,
-              "bf16_training_non_finite_step": non_finite_step, "rows": rows}
+              "bf16_training_steps": args.training_steps, "bf16_training_non_finite_step": non_finite_step, "rows": rows}
     if args.output:
         args.output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{len(rows)} variants on {device_name}: " + ("all checks passed" if not failures else f"FAILED: {failures}"))

@@ -103,6 +103,16 @@ def test_quality_trains_every_variant_on_the_same_data_and_plots(tmp_path, profi
         assert Path(plot).is_file()
 
 
+def test_device_check_passes_on_the_cpu(tmp_path):
+    # The GPU session's first script, on the CPU against itself: two variants, two bf16 training steps.
+    result = run_script("device_check.py", "--device", "cpu", "--variants", "threshold-dct+rbf+attention", "learned-dct+attention",
+                        "--training_steps", "2", output=tmp_path / "check.json")
+    assert result["failures"] == [] and result["bf16_training_non_finite_step"] is None
+    assert [row["variant"] for row in result["rows"]] == ["threshold-dct+rbf+attention", "learned-dct+attention"]
+    for row in result["rows"]:
+        assert row["cache_equals_no_cache"] and row["routing_agreement_with_cpu"] == 1.0 and row["failed"] == []
+
+
 def test_revision_comparison_imports_the_old_code_beside_the_new(tmp_path):
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout: nothing to compare against")
