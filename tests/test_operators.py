@@ -96,6 +96,30 @@ def test_rbf_on_selected_queries_has_the_reference_gradient_and_counts_its_flops
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
 
 
+def test_rbf_decoding_token_by_token_equals_the_full_pass_and_counts_its_flops():
+    """One token per call with a cache (the decoding step's own path) gives the full pass's rows, also
+    when some tokens only extend the state; its FLOPs are what torch's counter sees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_chiar.cache import ChiarCache
+
+    torch.manual_seed(0)
+    op = RBFMixing(tiny_config(), layer_idx=1)
+    x = torch.randn(2, 9, 32)
+    full = reference_rbf(op, x)
+    cache = ChiarCache(num_layers=2)
+    for t in range(9):
+        reads = t % 3 != 1  # every third token only adds its key (routed elsewhere)
+        index = torch.zeros(2, 1 if reads else 0, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            out, flops = op(x[:, t : t + 1], query_index=index, cache=cache)
+        assert flops == counter.get_total_flops()
+        if reads:
+            torch.testing.assert_close(out, full[:, t : t + 1], atol=1e-5, rtol=1e-5)
+        else:
+            assert out.shape == (2, 0, 32)
+
+
 def test_rbf_excludes_padding_keys():
     torch.manual_seed(0)
     op = RBFMixing(tiny_config(), layer_idx=0)
