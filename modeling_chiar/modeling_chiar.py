@@ -154,6 +154,8 @@ class TokenMixer(nn.Module):
             else:
                 decision = self.router(x, entropy, ctx.positions, ctx.token_mask)
             ids = decision.operator_ids
+            if isinstance(self.router, GateRouter):  # its gate: one logit per operator from the hidden vector
+                flops += linear_flops(batch * length, d, len(self.operators))
             if ctx.token_mask is not None:  # padding takes the cheapest operator
                 ids = ids.masked_fill(~ctx.token_mask, 0)
         soft = isinstance(self.router, GateRouter) and not self.router.hard
@@ -201,16 +203,16 @@ class TokenMixer(nn.Module):
         """DCT mixing of every token (returned), or of the selected ones (written into `output`)."""
         d = x.shape[-1]
         if selected is None:
-            return self.dct(x, dct), linear_flops(x.shape[0] * x.shape[1], d, d)
+            return self.dct(x, dct)
         # Row indices, not a boolean mask: the backward of x[mask] is an accumulating index_put,
         # much slower on CPU than index_select's backward (index_add) for the same rows.
         rows = selected.reshape(-1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return output, 0.0
-        mixed = self.dct(x.reshape(-1, d).index_select(0, rows), dct)
+        mixed, flops = self.dct(x.reshape(-1, d).index_select(0, rows), dct)
         # Under autocast `mixed` is in the autocast dtype: cast to output's.
         output.view(-1, d).index_copy_(0, rows, mixed.to(output.dtype))
-        return output, linear_flops(rows.shape[0], d, d)
+        return output, flops
 
     def _run_mixing(self, name, x, ctx, selected, output, takes_padding):
         """Attention or RBF for every token (returned), or the selected ones (added into `output`).

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness import build, random_ids
+from harness import VARIANTS, build, random_ids
 from modeling_chiar import ChiarConfig, ChiarForCausalLM, ChiarModel, routing_report
+from modeling_chiar.flops import linear_flops
 
 
 def counted_attention_flops(model, ids, **kwargs):
@@ -31,6 +32,28 @@ def test_attention_accounting_matches_torch_flop_counter(variant, padded):
     out, counted = counted_attention_flops(model, ids, attention_mask=mask)
     for record, count in zip(out.routing, counted):
         assert record.attention_flops == count
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("padded", [False, True])
+def test_operator_accounting_matches_torch_flop_counter(variant, padded):
+    """Each layer's token-operator FLOPs (the gate, every operator, the DCT operator's construction) are
+    what torch's counter sees inside the layer's mixer, less the entropy it computes only for the
+    routing report (`output_routing=True` on a layer whose router does not read it)."""
+    model = build(ChiarForCausalLM, variant, attn_implementation="eager").eval()
+    ids = random_ids(2, 150, seed=3)
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, 100:] = 0
+    with FlopCounterMode(display=False) as counter:
+        out = model(ids, attention_mask=mask, output_routing=True)
+    per_module = counter.get_flop_counts()
+    d = model.config.hidden_size
+    for i, record in enumerate(out.routing):
+        key = next(k for k in per_module if k.endswith(f"layers.{i}.mixer"))
+        reported_only = 0 if model.model.layers[i].mixer.needs_entropy(False) else linear_flops(ids.numel(), d, d)
+        assert record.operator_flops + reported_only == sum(per_module[key].values()), (i, record.operators)
 
 
 def test_baseline_fraction_is_one_and_sdpa_counts_the_causal_kernel():

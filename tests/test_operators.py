@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from modeling_chiar.operator_attention import RotaryEmbedding, RoutedAttention, masked_sdpa_kernels, query_blocks
 from modeling_chiar.operator_dct import DCTMixing
@@ -15,15 +16,21 @@ def test_dct_mixing_is_identity_at_init_and_scales_frequencies():
     d = 16
     c = dct_matrix(d)
     op = DCTMixing(d)
-    x = torch.randn(5, d)
-    torch.testing.assert_close(op(x, c), x, atol=1e-5, rtol=0)
-    with torch.no_grad():
-        op.gain.zero_()
-        op.gain[0] = 1.0  # keep only the DC component: every output entry becomes the mean of x
-    torch.testing.assert_close(op(x, c), x.mean(-1, keepdim=True).expand_as(x), atol=1e-5, rtol=0)
-    with torch.no_grad():
-        op.gain.copy_(torch.rand(d))  # one matmul with C^T diag(w) C equals transform, gain, inverse
-    torch.testing.assert_close(op(x, c), ((x @ c.T) * op.gain) @ c, atol=1e-5, rtol=0)
+    for tokens in (5, 40):  # fewer tokens than d: transform, gain, inverse; more: one operator matrix
+        x = torch.randn(tokens, d)
+        with torch.no_grad():
+            op.gain.fill_(1.0)
+        torch.testing.assert_close(op(x, c)[0], x, atol=1e-5, rtol=0)
+        with torch.no_grad():
+            op.gain.zero_()
+            op.gain[0] = 1.0  # keep only the DC component: every output entry becomes the mean of x
+        torch.testing.assert_close(op(x, c)[0], x.mean(-1, keepdim=True).expand_as(x), atol=1e-5, rtol=0)
+        with torch.no_grad():
+            op.gain.copy_(torch.rand(d))
+        with FlopCounterMode(display=False) as counter:
+            y, flops = op(x, c)
+        torch.testing.assert_close(y, ((x @ c.T) * op.gain) @ c, atol=1e-5, rtol=0)
+        assert flops == counter.get_total_flops()
 
 
 def test_rbf_features_estimate_the_gaussian_kernel():
