@@ -40,11 +40,16 @@ def test_speed_compares_every_variant_with_the_baseline_and_renders(tmp_path):
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(output)],
                            capture_output=True, text=True, check=True).stdout
     assert "| body | 64 |" in table and "chiar-3op" in table
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_speed.py"), str(output)], check=True, capture_output=True)
+    assert output.with_suffix(".png").stat().st_size > 0
 
 
 def test_decoding_benchmark_runs_cached_and_uncached(tmp_path):
-    result = run_script("generation.py", "--lengths", "32", "--rounds", "1", output=tmp_path / "generation.json")
+    output = tmp_path / "generation.json"
+    result = run_script("generation.py", "--lengths", "32", "--rounds", "1", output=output)
     assert result["complete"]
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_speed.py"), str(output)], check=True, capture_output=True)
+    assert output.with_suffix(".png").stat().st_size > 0
     assert {row["cached"] for row in result["rows"]} == {True, False}
     assert all(row["tokens_per_s"] > 0 for row in result["rows"])
 

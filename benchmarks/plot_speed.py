@@ -1,0 +1,110 @@
+"""PNG plots of the timing results: speed-up over the baseline against sequence length (speed.py) and
+against context length (generation.py), one line per model, the per-round ratios' quartiles as bars.
+
+    python benchmarks/plot_speed.py benchmarks/results/speed-cpu.json benchmarks/results/generation-cpu.json
+
+Writes each plot next to its JSON (`speed-cpu.png`, `generation-cpu.png`).
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TARGETS = {"body": {256: 1.15, 4096: 1.7}}  # issue 5's CPU targets, model body forward+backward
+
+
+def ratio_spread(baseline_seconds, seconds):
+    """(median, first quartile, third quartile) of the per-round baseline/model time ratios."""
+    ratios = [b / s for b, s in zip(baseline_seconds, seconds)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q1, q3
+
+
+def draw(axis, points, title, xlabel):
+    """points: {model: [(x, median, q1, q3), ...]}"""
+    for model, values in points.items():
+        values.sort()
+        xs = [v[0] for v in values]
+        medians = [v[1] for v in values]
+        errors = [[v[1] - v[2] for v in values], [v[3] - v[1] for v in values]]
+        axis.errorbar(xs, medians, yerr=errors, marker="o", ms=4, capsize=3, label=model)
+    axis.axhline(1.0, color="grey", lw=0.8, ls="--")
+    axis.set_xscale("log", base=2)
+    ticks = sorted({v[0] for values in points.values() for v in values})
+    axis.set_xticks(ticks, [str(t) for t in ticks])
+    axis.minorticks_off()
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("speed-up over the baseline")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+
+
+def speed_points(result, target, mode):
+    rows = [r for r in result["rows"] if r["target"] == target and r["mode"] == mode]
+    points = {}
+    for row in rows:
+        if row["model"] == "baseline":
+            continue
+        baseline = next(r for r in rows if r["model"] == "baseline" and r["length"] == row["length"])
+        points.setdefault(row["model"], []).append((row["length"], *ratio_spread(baseline["seconds_all_rounds"], row["seconds_all_rounds"])))
+    return points
+
+
+def plot_speed(result, path):
+    targets = sorted({r["target"] for r in result["rows"]})
+    modes = sorted({r["mode"] for r in result["rows"]}, key=lambda m: m != "fwd+bwd")
+    figure, axes = plt.subplots(len(modes), len(targets), figsize=(5.5 * len(targets), 4 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, target in enumerate(targets):
+            axis = axes[i][j]
+            draw(axis, speed_points(result, target, mode), f"{target}, {mode} ({result['device']})", "sequence length")
+            if mode == "fwd+bwd":
+                goals = TARGETS.get(target, {})
+                if goals:
+                    axis.plot(list(goals), list(goals.values()), marker="*", ms=12, color="black", ls="none", label="target")
+                    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_generation(result, path):
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    for axis, cached in zip(axes[0], (True, False)):
+        rows = [r for r in result["rows"] if r["cached"] == cached]
+        points = {}
+        for row in rows:
+            if row["model"] == "baseline":
+                continue
+            baseline = next(r for r in rows if r["model"] == "baseline" and r["context"] == row["context"])
+            points.setdefault(row["model"], []).append(
+                (row["context"], *ratio_spread(baseline["seconds_per_token_all_rounds"], row["seconds_per_token_all_rounds"])))
+        draw(axis, points, f"decoding, {'cached' if cached else 'uncached'}, batch {result['settings']['batch']} ({result['device']})",
+             "context length")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(paths):
+    for name in paths:
+        path = Path(name)
+        result = json.loads(path.read_text())
+        output = path.with_suffix(".png")
+        plotters = {"speed": plot_speed, "generation": plot_generation}
+        if result.get("benchmark") not in plotters:
+            raise SystemExit(f"{path}: not a speed.py or generation.py result")
+        plotters[result["benchmark"]](result, output)
+        print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
