@@ -31,8 +31,13 @@ stage "${LIMITS[1]}" python3 benchmarks/speed.py --profile full ${SPEED_ARGS:-}
 stage "${LIMITS[2]}" python3 benchmarks/quality.py --profile full --data_dir "$DATA_DIR" ${QUALITY_ARGS:-}
 stage "${LIMITS[3]}" python3 benchmarks/generation.py --profile full ${GENERATION_ARGS:-}
 
+for result in "$RESULTS"/speed-cuda.json "$RESULTS"/generation-cuda.json; do
+  [ -f "$result" ] && python3 benchmarks/plot_speed.py "$result"
+done
+
 if [ -n "${RESULTS_COPY:-}" ]; then
   cp "$RESULTS"/device-check-cuda.json "$RESULTS"/speed-cuda.json "$RESULTS"/generation-cuda.json \
+     "$RESULTS"/speed-cuda.png "$RESULTS"/generation-cuda.png \
      "$RESULTS"/quality-wikitext-full*.json "$RESULTS"/quality-wikitext-full*.png "$RESULTS_COPY"/ 2>/dev/null
   ls -la "$RESULTS_COPY"
 fi
