@@ -7,7 +7,6 @@ Writes each plot next to its JSON (`speed-cpu.png`, `generation-cpu.png`).
 """
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -16,25 +15,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tables import ratio_quartiles  # noqa: E402
+
 TARGETS = {"body": {256: 1.15, 4096: 1.7}}  # issue 5's CPU targets, model body forward+backward
 
 
-def ratio_spread(baseline_seconds, seconds):
-    """(median, first quartile, third quartile) of the per-round baseline/model time ratios."""
-    ratios = [b / s for b, s in zip(baseline_seconds, seconds)]
-    if len(ratios) < 2:
-        return ratios[0], ratios[0], ratios[0]
-    q1, median, q3 = statistics.quantiles(ratios, n=4)
-    return statistics.median(ratios), q1, q3
-
-
 def draw(axis, points, title, xlabel):
-    """points: {model: [(x, median, q1, q3), ...]}"""
+    """points: {model: [(x, first quartile, median, third quartile), ...]}"""
     for model, values in points.items():
         values.sort()
         xs = [v[0] for v in values]
-        medians = [v[1] for v in values]
-        errors = [[v[1] - v[2] for v in values], [v[3] - v[1] for v in values]]
+        medians = [v[2] for v in values]
+        errors = [[v[2] - v[1] for v in values], [v[3] - v[2] for v in values]]
         axis.errorbar(xs, medians, yerr=errors, marker="o", ms=4, capsize=3, label=model)
     axis.axhline(1.0, color="grey", lw=0.8, ls="--")
     axis.set_xscale("log", base=2)
@@ -54,7 +46,7 @@ def speed_points(result, target, mode):
         if row["model"] == "baseline":
             continue
         baseline = next(r for r in rows if r["model"] == "baseline" and r["length"] == row["length"])
-        points.setdefault(row["model"], []).append((row["length"], *ratio_spread(baseline["seconds_all_rounds"], row["seconds_all_rounds"])))
+        points.setdefault(row["model"], []).append((row["length"], *ratio_quartiles(baseline["seconds_all_rounds"], row["seconds_all_rounds"])))
     return points
 
 
@@ -86,7 +78,7 @@ def plot_generation(result, path):
                 continue
             baseline = next(r for r in rows if r["model"] == "baseline" and r["context"] == row["context"])
             points.setdefault(row["model"], []).append(
-                (row["context"], *ratio_spread(baseline["seconds_per_token_all_rounds"], row["seconds_per_token_all_rounds"])))
+                (row["context"], *ratio_quartiles(baseline["seconds_per_token_all_rounds"], row["seconds_per_token_all_rounds"])))
         draw(axis, points, f"decoding, {'cached' if cached else 'uncached'}, batch {result['settings']['batch']} ({result['device']})",
              "context length")
     figure.tight_layout()

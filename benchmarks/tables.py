@@ -14,14 +14,22 @@ def incomplete(result):
     return "" if result.get("complete", True) else " **Incomplete: the run was stopped at its time bound; these are the rows it finished.**"
 
 
+def ratio_quartiles(baseline_seconds, seconds):
+    """(first quartile, median, third quartile) of the per-round baseline/model time ratios."""
+    ratios = [b / m for b, m in zip(baseline_seconds, seconds)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q1, statistics.median(ratios), q3
+
+
 def round_ratio_quartiles(result, row):
     """First and third quartiles of the per-round baseline/model time ratios (the spread behind the median)."""
     baseline = next(r for r in result["rows"] if r["model"] == "baseline"
                     and all(r.get(key) == row.get(key) for key in ("target", "length", "mode")))
-    ratios = [b / m for b, m in zip(baseline["seconds_all_rounds"], row["seconds_all_rounds"])]
-    if row is baseline or len(ratios) < 2:
+    if row is baseline or len(row["seconds_all_rounds"]) < 2:
         return "n/a"
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    q1, _, q3 = ratio_quartiles(baseline["seconds_all_rounds"], row["seconds_all_rounds"])
     return f"{q1:.2f}-{q3:.2f}"
 
 

@@ -106,6 +106,9 @@ def test_quality_trains_every_variant_on_the_same_data_and_plots(tmp_path, profi
         assert (row["attention_flops_fraction"] == 1.0) == (row["model"] == "baseline")
     for plot in result["plots"]:
         assert Path(plot).is_file()
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_speed.py"),
+                              str(tmp_path / "out" / f"quality-wikitext-{profile}.json")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "not a speed.py or generation.py result" in refused.stderr
 
 
 def test_device_check_passes_on_the_cpu(tmp_path):
