@@ -12,8 +12,8 @@ class DCTMixing(nn.Module):
     Token-local: no state, causal by construction. With C the orthonormal DCT matrix the operator
     is y = x C^T diag(w) C. For many tokens it runs as one matmul with the (d x d) operator matrix,
     built once per call (2 d^3 FLOPs, then 2 d^2 per token); for fewer tokens than d, as in a
-    decoding step, the transform, the gain and the inverse cost less (4 d^2 per token): building the
-    operator for one token took about 190 us on CPU, the two transforms about 17.
+    decoding step, the transform, the gain and the inverse cost less (4 d^2 per token; decoding
+    speed in docs/benchmarks.md).
     """
 
     def __init__(self, hidden_size):

@@ -142,9 +142,9 @@ class RBFMixing(KeepsFP32Buffers):
     def _decoding_step(key_features, values, query_features, initial):
         """`_causal` for one new token (a decoding step): add its key to the state, then read it.
 
-        The chunked path gives the same values, but for one token its ~30 small operations cost about
-        400 us per layer on CPU (einsum dispatch, padding, a causal mask, scatter and gather), several
-        times the arithmetic. Every query slot of a one-token input is that token.
+        The chunked path gives the same values, but for one token its ~30 small operations (padding,
+        chunk sums, a causal mask, scatter and gather) cost several times the arithmetic (decoding
+        speed in docs/benchmarks.md). Every query slot of a one-token input is that token.
         """
         batch, _, h, r = key_features.shape
         hd = values.shape[-1]
