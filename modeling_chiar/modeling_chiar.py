@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
 
 from .cache import ChiarCache
 from .configuration_chiar import ChiarConfig
@@ -28,6 +29,8 @@ from .operator_dct import DCTMixing
 from .operator_rbf import RBFMixing, rbf_features
 from .routing import GateRouter, MetaRouter, RandomRouter, ThresholdRouter, build_router, initial_thresholds
 from .spectral import dct_matrix, spectral_entropy_from_coefficients
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -431,6 +434,10 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 cache = None  # an empty transformers cache made by a caller: use our own
             else:
                 raise ValueError(f"CHIAR models decode with a ChiarCache, got {type(cache).__name__}.")
+        if use_cache and cache is None and not config.is_causal:
+            # transformers' convention for a flag that cannot apply (cf. gradient checkpointing): warn, build none.
+            logger.warning_once("use_cache=True has no effect on a bidirectional model (is_causal=False): no cache is built.")
+            use_cache = False
         if cache is None and use_cache:
             cache = ChiarCache(config.num_hidden_layers)
         if cache is not None and not config.is_causal:
@@ -769,6 +776,9 @@ class ChiarForSequenceClassification(ChiarPreTrainedModel):
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        given = [name for name in ("cache", "past_key_values") if kwargs.get(name) is not None]
+        if given:
+            raise ValueError(f"ChiarForSequenceClassification takes no decoding cache, got {given[0]}.")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

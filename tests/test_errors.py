@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import transformers
 
 from harness import build, random_ids, tiny_config
-from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification
+from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification, ChiarModel
+from modeling_chiar.cache import ChiarCache
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +64,25 @@ def test_labels_out_of_range(lm):
 def test_bidirectional_language_model_is_refused():
     with pytest.raises(ValueError, match="is_causal=True"):
         ChiarForCausalLM(tiny_config(is_causal=False))
+
+
+
+def test_a_bidirectional_model_refuses_a_cache_and_ignores_use_cache(caplog):
+    model = build(ChiarModel, "threshold-dct+attention", is_causal=False).eval()
+    ids = random_ids(2, 6)
+    with pytest.raises(ValueError, match=r"needs a causal model \(is_causal=True\)"):
+        model(ids, cache=ChiarCache(model.config.num_hidden_layers))
+    # The flag alone follows transformers' convention for a flag that cannot apply: a warning, no cache.
+    transformers.utils.logging.warning_once.cache_clear()  # once per process: an earlier test may have used it
+    with caplog.at_level("WARNING"):
+        flagged = model(ids, use_cache=True)
+    assert "no effect on a bidirectional model" in caplog.text
+    assert torch.equal(flagged.last_hidden_state, model(ids).last_hidden_state)
+    assert flagged.to_tuple()[1:] == ()  # nothing but the hidden states: no cache
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_classifier_refuses_a_cache(name):
+    model = build(ChiarForSequenceClassification, "threshold-dct+attention", num_labels=2).eval()
+    with pytest.raises(ValueError, match=f"takes no decoding cache, got {name}"):
+        model(random_ids(2, 6), **{name: ChiarCache(model.config.num_hidden_layers)})
