@@ -17,6 +17,13 @@ import torch
 
 class ChiarCache:
     is_compileable = False
+    is_croppable = False  # see crop()
+
+    @property
+    def is_linear(self):
+        # generate() reads this to decide whether a cache passed back in has seen the start of the
+        # inputs (and slices them by get_seq_length()); every layer here counts the tokens it has seen.
+        return [False] * self.num_layers
 
     def __init__(self, num_layers):
         self.num_layers = num_layers

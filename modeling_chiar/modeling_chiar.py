@@ -296,6 +296,9 @@ class ChiarPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    # The decoding cache cannot be rolled back (RBF state is a running sum): generate() then refuses
+    # assisted and speculative decoding with a message saying so.
+    _is_stateful = True
 
     # Hub remote code: every Auto class resolves to these modules, copied flat next to the weights.
     auto_map = {
@@ -707,7 +710,11 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
         position_ids=None,
         **kwargs,
     ):
-        """Feed the tokens the cache has not seen (all of them without a cache), with the full mask."""
+        """Feed the tokens the cache has not seen (all of them without a cache), with the full mask.
+
+        `input_ids` hold the prompt and what was generated, or only what was generated when the prompt
+        came as `inputs_embeds`; `attention_mask` always covers every token, past and new.
+        """
         state = cache if cache is not None else past_key_values
         if state is not None and not isinstance(state, ChiarCache):
             state = None if state.get_seq_length() == 0 else state  # forward() rejects a non-empty foreign cache
@@ -715,13 +722,14 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
             state = ChiarCache(self.config.num_hidden_layers)
         seen = state.get_seq_length() if state is not None else 0
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_NAME: state}
-        if inputs_embeds is not None and seen == 0:
-            inputs["inputs_embeds"] = inputs_embeds
+        if inputs_embeds is not None and (is_first_iteration or seen == 0):
+            length = inputs_embeds.shape[1] - seen  # the embeddings are of the whole prompt
+            inputs["inputs_embeds"] = inputs_embeds[:, seen:]
             inputs["input_ids"] = None
-            length = inputs_embeds.shape[1]
         else:
-            inputs["input_ids"] = input_ids[:, seen:].clone(memory_format=torch.contiguous_format)
-            length = input_ids.shape[1] - seen
+            total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
+            length = next_sequence_length if next_sequence_length is not None else total - seen
+            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - length :].clone(memory_format=torch.contiguous_format)
         if position_ids is not None:
             inputs["position_ids"] = position_ids[..., -length:]
         for key, value in kwargs.items():

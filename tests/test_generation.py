@@ -63,6 +63,50 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(variant):
         assert torch.equal(batch[row : row + 1], alone), (row, batch[row], alone)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("variant", GENERATION_VARIANTS)
+def test_generating_from_inputs_embeds_equals_generating_from_ids(variant, use_cache):
+    model = lm(variant)
+    ids = random_ids(2, 6, seed=13)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    from_ids = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=use_cache)
+    embeds = model.get_input_embeddings()(ids)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                 use_cache=use_cache)
+    assert torch.equal(from_embeds, from_ids[:, 6:])  # generate returns only the new tokens here
+
+
+@pytest.mark.parametrize("variant", GENERATION_VARIANTS)
+def test_generation_continues_from_a_returned_cache(variant):
+    """Three tokens, then three more from the cache generate() returned: the six tokens of one call."""
+    model = lm(variant)
+    ids = random_ids(2, 6, seed=17)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cache = first.get("cache", first.get("past_key_values"))
+    assert isinstance(cache, ChiarCache) and cache.get_seq_length() == 8  # the last token is not fed yet
+    longer_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
+    second = model.generate(first.sequences, attention_mask=longer_mask, max_new_tokens=3, do_sample=False,
+                            **{"cache" if "cache" in first else "past_key_values": cache})
+    at_once = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(second, at_once)
+
+
+def test_generate_returns_scores_attentions_and_hidden_states_per_step():
+    model = lm("threshold-dct+rbf+attention")
+    out = model.generate(random_ids(2, 6), max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                         output_scores=True, output_logits=True, output_attentions=True, output_hidden_states=True)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    assert len(out.scores) == len(out.logits) == len(out.attentions) == len(out.hidden_states) == 3
+    for step in range(3):
+        new, seen = (6, 6) if step == 0 else (1, 6 + step)
+        assert out.scores[step].shape == (2, model.config.vocab_size)
+        assert [a.shape for a in out.attentions[step]] == [(2, heads, new, seen)] * layers
+        assert [h.shape for h in out.hidden_states[step]] == [(2, new, model.config.hidden_size)] * (layers + 1)
+
+
 @pytest.mark.parametrize("variant", ["threshold-dct+rbf+attention", "all-rbf", "meta-router"])
 def test_beam_search_and_sampling(variant):
     model = lm(variant)
@@ -122,6 +166,9 @@ def test_cache_errors():
     cache = out["cache"] if "cache" in out else out["past_key_values"]
     with pytest.raises(ValueError, match="cannot be cropped"):
         cache.crop(3)
+    for drafting in (dict(assistant_model=model), dict(prompt_lookup_num_tokens=2)):
+        with pytest.raises(ValueError, match="not supported with stateful models"):
+            model.generate(random_ids(1, 5), max_new_tokens=3, **drafting)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(random_ids(1, 1), attention_mask=torch.ones(1, 1), cache=cache)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
