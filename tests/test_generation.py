@@ -77,21 +77,27 @@ def test_generating_from_inputs_embeds_equals_generating_from_ids(variant, use_c
     assert torch.equal(from_embeds, from_ids[:, 6:])  # generate returns only the new tokens here
 
 
+@pytest.mark.parametrize("prompt_as", ["ids", "embeds"])
 @pytest.mark.parametrize("variant", GENERATION_VARIANTS)
-def test_generation_continues_from_a_returned_cache(variant):
+def test_generation_continues_from_a_returned_cache(variant, prompt_as):
     """Three tokens, then three more from the cache generate() returned: the six tokens of one call."""
     model = lm(variant)
     ids = random_ids(2, 6, seed=17)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    cache = first.get("cache", first.get("past_key_values"))
-    assert isinstance(cache, ChiarCache) and cache.get_seq_length() == 8  # the last token is not fed yet
+    embed = model.get_input_embeddings()
+    prompt = dict(input_ids=ids) if prompt_as == "ids" else dict(inputs_embeds=embed(ids))
+    first = model.generate(**prompt, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                           return_dict_in_generate=True)
+    name = "cache" if "cache" in first else "past_key_values"
+    assert isinstance(first[name], ChiarCache) and first[name].get_seq_length() == 8  # the last token is not fed yet
+    so_far = first.sequences if prompt_as == "ids" else torch.cat([ids, first.sequences], dim=1)
+    prompt = dict(input_ids=so_far) if prompt_as == "ids" else dict(inputs_embeds=embed(so_far))
     longer_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
-    second = model.generate(first.sequences, attention_mask=longer_mask, max_new_tokens=3, do_sample=False,
-                            **{"cache" if "cache" in first else "past_key_values": cache})
+    second = model.generate(**prompt, attention_mask=longer_mask, max_new_tokens=3, do_sample=False,
+                            **{name: first[name]})
     at_once = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(second, at_once)
+    assert torch.equal(torch.cat([so_far, second[:, -3:]], dim=1), at_once)
 
 
 def test_generate_returns_scores_attentions_and_hidden_states_per_step():
