@@ -63,18 +63,26 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(variant):
         assert torch.equal(batch[row : row + 1], alone), (row, batch[row], alone)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
+def same_steps(a, b):
+    """Two generate() results took the same tokens with the same scores (scores catch a wrong context
+    even where a tiny random model repeats one token)."""
+    assert torch.equal(a.sequences[:, -len(a.scores):], b.sequences[:, -len(b.scores):])
+    for step, (x, y) in enumerate(zip(a.scores, b.scores, strict=True)):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0, msg=f"step {step}")
+
+
 @pytest.mark.parametrize("variant", GENERATION_VARIANTS)
-def test_generating_from_inputs_embeds_equals_generating_from_ids(variant, use_cache):
+def test_generating_from_inputs_embeds_equals_generating_from_ids(variant):
+    """(generate() always decodes an embedded prompt with a cache; the ids run without one.)"""
     model = lm(variant)
     ids = random_ids(2, 6, seed=13)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding
-    from_ids = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=use_cache)
-    embeds = model.get_input_embeddings()(ids)
-    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                                 use_cache=use_cache)
-    assert torch.equal(from_embeds, from_ids[:, 6:])  # generate returns only the new tokens here
+    from_ids = greedy(model, ids, mask, use_cache=False, steps=5)
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask,
+                                 max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert from_embeds.sequences.shape == (2, 5)  # only the new tokens
+    same_steps(from_embeds, from_ids)
 
 
 @pytest.mark.parametrize("prompt_as", ["ids", "embeds"])
@@ -95,9 +103,11 @@ def test_generation_continues_from_a_returned_cache(variant, prompt_as):
     prompt = dict(input_ids=so_far) if prompt_as == "ids" else dict(inputs_embeds=embed(so_far))
     longer_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
     second = model.generate(**prompt, attention_mask=longer_mask, max_new_tokens=3, do_sample=False,
-                            **{name: first[name]})
-    at_once = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(torch.cat([so_far, second[:, -3:]], dim=1), at_once)
+                            output_scores=True, return_dict_in_generate=True, **{name: first[name]})
+    at_once = greedy(model, ids, mask, use_cache=False, steps=6)
+    assert torch.equal(so_far[:, 6:], at_once.sequences[:, 6:9])
+    at_once.scores = at_once.scores[3:]
+    same_steps(second, at_once)
 
 
 def test_generate_returns_scores_attentions_and_hidden_states_per_step():

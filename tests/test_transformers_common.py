@@ -1,4 +1,4 @@
-"""transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`) run against CHIAR.
+"""transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`, `TrainingTesterMixin`) run on CHIAR.
 
 Those tests ship in transformers' source distribution, not in the wheel. This module downloads
 the sdist of the installed version from the package index (once, into a cache folder), builds a
