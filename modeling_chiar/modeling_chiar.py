@@ -695,7 +695,14 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls):
-        return False  # generate() must not build a DynamicCache; prepare_inputs_for_generation makes a ChiarCache
+        return False  # generate() must not build a DynamicCache: we make a ChiarCache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Make the ChiarCache before the prefill (chunked prefill, `prefill_chunk_size`, needs one to fill).
+        Should a transformers version not call this, prepare_inputs_for_generation still makes it."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get(CACHE_NAME) is None:
+            model_kwargs[CACHE_NAME] = ChiarCache(self.config.num_hidden_layers)
 
     def prepare_inputs_for_generation(
         self,

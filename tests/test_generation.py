@@ -1,5 +1,7 @@
 """Cached decoding equals the uncached computation; generate() and pipelines work on every variant."""
 
+import functools
+
 import pytest
 import torch
 
@@ -108,6 +110,27 @@ def test_generation_continues_from_a_returned_cache(variant, prompt_as):
     assert torch.equal(so_far[:, 6:], at_once.sequences[:, 6:9])
     at_once.scores = at_once.scores[3:]
     same_steps(second, at_once)
+
+
+@pytest.mark.parametrize("variant", GENERATION_VARIANTS)
+def test_chunked_prefill_in_generate_equals_one_prefill(variant):
+    model = lm(variant)
+    ids = random_ids(2, 13, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    whole = greedy(model, ids, mask, steps=4)
+    fed, forward = [], model.forward
+
+    @functools.wraps(forward)
+    def recording(*args, **kwargs):
+        fed.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    chunked = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, prefill_chunk_size=5)
+    assert fed == [5, 5, 3, 1, 1, 1]  # the prompt in three chunks, then one token per step
+    same_steps(chunked, whole)
 
 
 def test_generate_returns_scores_attentions_and_hidden_states_per_step():
