@@ -66,7 +66,6 @@ def test_bidirectional_language_model_is_refused():
         ChiarForCausalLM(tiny_config(is_causal=False))
 
 
-
 def test_a_bidirectional_model_refuses_a_cache_and_ignores_use_cache(caplog):
     model = build(ChiarModel, "threshold-dct+attention", is_causal=False).eval()
     ids = random_ids(2, 6)

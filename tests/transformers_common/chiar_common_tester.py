@@ -1,4 +1,4 @@
-"""CHIAR run through transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`).
+"""CHIAR run through transformers' own common tests (`ModelTesterMixin`, `ConfigTester`, `TrainingTesterMixin`).
 
 Not collected here: `tests/test_transformers_common.py` copies this file to
 `tests/models/chiar/test_modeling_chiar.py` inside the test tree of transformers' source
