@@ -56,6 +56,9 @@ class ChiarConfig(PretrainedConfig):
         use_meta_router (`bool`): v2's gate blending the first layer's output with its input.
         is_causal (`bool`): causal (language modelling) or bidirectional (classification) mixing.
         norm_position (`str`): `"pre"` (default) or `"post"` (the paper's) layer norm.
+
+    RoPE is the plain kind, with `rope_theta`. A `rope_parameters` (or `rope_scaling`) of type
+    `"default"` may give the theta instead; scaled types (linear, dynamic, yarn, ...) are refused.
         classifier_pooling (`str`): `"mean"` (masked mean, default), `"last"` or `"first"` token.
     """
 
@@ -137,7 +140,24 @@ class ChiarConfig(PretrainedConfig):
         )
         # transformers 5.x may not keep `tie_word_embeddings` as an attribute on every minor version.
         self.tie_word_embeddings = tie_word_embeddings
+        # 5.x configs may carry RoPE settings as `rope_parameters` (older: `rope_scaling`): honour its theta.
+        for params in self._rope_settings().values():
+            self.rope_theta = params.get("rope_theta", self.rope_theta)
         self.validate_chiar()
+
+    def _rope_settings(self):
+        """`rope_parameters` / `rope_scaling` if set. CHIAR implements plain RoPE (`rope_theta`): any
+        scaled variant is refused here rather than silently ignored by the model."""
+        found = {name: getattr(self, name, None) for name in ("rope_parameters", "rope_scaling")}
+        found = {name: params for name, params in found.items() if params is not None}
+        for name, params in found.items():
+            kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else params
+            if kind != "default":
+                raise ValueError(
+                    f"{name}={params!r}: CHIAR implements the default RoPE only (set rope_theta); scaled "
+                    "variants (linear, dynamic, yarn, ...) are not supported."
+                )
+        return found
 
     @property
     def head_dim(self):
@@ -173,6 +193,10 @@ class ChiarConfig(PretrainedConfig):
         if self.classifier_dropout is not None:
             _check_prob("classifier_dropout", self.classifier_dropout)
         _check_positive("rope_theta", self.rope_theta)
+        for name, params in self._rope_settings().items():
+            if params.get("rope_theta", self.rope_theta) != self.rope_theta:
+                theta = params["rope_theta"]
+                raise ValueError(f"{name}['rope_theta']={theta} disagrees with rope_theta={self.rope_theta}.")
         _check_positive("rbf_gamma", self.rbf_gamma)
         _check_positive("layer_norm_eps", self.layer_norm_eps)
         if not (isinstance(self.router_aux_loss_coef, (int, float)) and self.router_aux_loss_coef >= 0):

@@ -77,3 +77,34 @@ def test_model_rechecks_a_config_changed_after_construction():
     config.num_hidden_layers = 6  # schedule still has 4 entries
     with pytest.raises(ValueError, match="layer_schedule"):
         ChiarModel(config)
+
+
+@pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated")
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+        dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}),
+    ],
+)
+def test_scaled_rope_is_refused_not_ignored(rope):
+    with pytest.raises(ValueError, match="default RoPE only"):
+        ChiarConfig(**rope)
+
+
+def test_rope_parameters_set_rope_theta_and_survive_a_round_trip(tmp_path):
+    """transformers 5.x configs may give RoPE's theta inside `rope_parameters`; the model must use it."""
+    from modeling_chiar import ChiarModel
+
+    config = ChiarConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    assert config.rope_theta == 500000.0
+    config.save_pretrained(tmp_path)
+    assert ChiarConfig.from_pretrained(tmp_path).rope_theta == 500000.0
+    model = ChiarModel(config)
+    inv_freq = model.rotary_emb.inv_freq
+    assert inv_freq[1].item() == pytest.approx(500000.0 ** (-2 / config.head_dim), rel=1e-6)
+    config.rope_theta = 20000.0  # now disagrees with rope_parameters
+    with pytest.raises(ValueError, match="disagrees with rope_theta"):
+        ChiarModel(config)
