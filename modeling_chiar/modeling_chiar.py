@@ -439,7 +439,9 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 raise ValueError(f"CHIAR models decode with a ChiarCache, got {type(cache).__name__}.")
         if use_cache and cache is None and not config.is_causal:
             # transformers' convention for a flag that cannot apply (cf. gradient checkpointing): warn, build none.
-            logger.warning_once("use_cache=True has no effect on a bidirectional model (is_causal=False): no cache is built.")
+            logger.warning_once(
+                "use_cache=True has no effect on a bidirectional model (is_causal=False): no cache is built."
+            )
             use_cache = False
         if cache is None and use_cache:
             cache = ChiarCache(config.num_hidden_layers)
@@ -736,7 +738,8 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
         else:
             total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
             length = next_sequence_length if next_sequence_length is not None else total - seen
-            inputs["input_ids"] = input_ids[:, input_ids.shape[1] - length :].clone(memory_format=torch.contiguous_format)
+            new_ids = input_ids[:, input_ids.shape[1] - length :]
+            inputs["input_ids"] = new_ids.clone(memory_format=torch.contiguous_format)
         if position_ids is not None:
             inputs["position_ids"] = position_ids[..., -length:]
         for key, value in kwargs.items():
