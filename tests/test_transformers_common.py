@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,15 +56,21 @@ def transformers_sdist():
         if not named.is_file():
             pytest.fail(f"CHIAR_TRANSFORMERS_SDIST={named} is not a file")
         return named
-    cached = CACHE / f"transformers-{version}.tar.gz"
+    cache = CACHE
+    cached = cache / f"transformers-{version}.tar.gz"
     if cached.exists():
         return cached
-    CACHE.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home: download for this session only
+        cache = Path(tempfile.mkdtemp(prefix="chiar-transformers-sdist-"))
+        cached = cache / cached.name
     command = [sys.executable, "-m", "pip", "download", f"transformers=={version}",
-               "--no-binary", ":all:", "--no-deps", "--quiet", "-d", str(CACHE)]
+               "--no-binary", ":all:", "--no-deps", "--quiet", "-d", str(cache)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not cached.exists():
-        pytest.skip(f"transformers {version} sdist not available (offline?): {done.stderr.strip()[-300:]}")
+        errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()[-1:]
+        pytest.skip(f"transformers {version} sdist not available (offline?): {' '.join(errors)[:300]}")
     return cached
 
 
