@@ -29,6 +29,16 @@ def default_target_fractions(routed_operators):
     return {op: fractions[op] for op in ops}
 
 
+def _check_rope_settings(name, params):
+    if not isinstance(params, dict):
+        raise ValueError(f"{name} must be a dict like {{'rope_type': 'default', 'rope_theta': ...}}, got {params!r}.")
+    if params.get("rope_type", params.get("type", "default")) != "default":
+        raise ValueError(
+            f"{name}={params!r}: CHIAR implements the default RoPE only (set rope_theta); scaled "
+            "variants (linear, dynamic, yarn, ...) are not supported."
+        )
+
+
 class ChiarConfig(PretrainedConfig):
     r"""
     Configuration for [`ChiarModel`], [`ChiarForCausalLM`] and [`ChiarForSequenceClassification`].
@@ -131,6 +141,9 @@ class ChiarConfig(PretrainedConfig):
         self.is_causal = is_causal
         self.norm_position = norm_position
         self.classifier_pooling = classifier_pooling
+        for name in ("rope_parameters", "rope_scaling"):  # before transformers reads them
+            if kwargs.get(name) is not None:
+                _check_rope_settings(name, kwargs[name])
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -151,12 +164,7 @@ class ChiarConfig(PretrainedConfig):
         found = {name: getattr(self, name, None) for name in ("rope_parameters", "rope_scaling")}
         found = {name: params for name, params in found.items() if params is not None}
         for name, params in found.items():
-            kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else params
-            if kind != "default":
-                raise ValueError(
-                    f"{name}={params!r}: CHIAR implements the default RoPE only (set rope_theta); scaled "
-                    "variants (linear, dynamic, yarn, ...) are not supported."
-                )
+            _check_rope_settings(name, params)
         return found
 
     @property

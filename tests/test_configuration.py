@@ -86,10 +86,11 @@ def test_model_rechecks_a_config_changed_after_construction():
         dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
         dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
         dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}),
+        dict(rope_parameters="default"),
     ],
 )
 def test_scaled_rope_is_refused_not_ignored(rope):
-    with pytest.raises(ValueError, match="default RoPE only"):
+    with pytest.raises(ValueError, match="default RoPE only|must be a dict"):
         ChiarConfig(**rope)
 
 
