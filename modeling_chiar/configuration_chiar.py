@@ -66,10 +66,10 @@ class ChiarConfig(PretrainedConfig):
         use_meta_router (`bool`): v2's gate blending the first layer's output with its input.
         is_causal (`bool`): causal (language modelling) or bidirectional (classification) mixing.
         norm_position (`str`): `"pre"` (default) or `"post"` (the paper's) layer norm.
+        classifier_pooling (`str`): `"mean"` (masked mean, default), `"last"` or `"first"` token.
 
     RoPE is the plain kind, with `rope_theta`. A `rope_parameters` (or `rope_scaling`) of type
     `"default"` may give the theta instead; scaled types (linear, dynamic, yarn, ...) are refused.
-        classifier_pooling (`str`): `"mean"` (masked mean, default), `"last"` or `"first"` token.
     """
 
     model_type = "chiar"
@@ -141,9 +141,10 @@ class ChiarConfig(PretrainedConfig):
         self.is_causal = is_causal
         self.norm_position = norm_position
         self.classifier_pooling = classifier_pooling
-        for name in ("rope_parameters", "rope_scaling"):  # before transformers reads them
+        for name in ("rope_parameters", "rope_scaling"):  # checked before transformers reads them
             if kwargs.get(name) is not None:
                 _check_rope_settings(name, kwargs[name])
+                self.rope_theta = kwargs[name].get("rope_theta", self.rope_theta)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -153,14 +154,11 @@ class ChiarConfig(PretrainedConfig):
         )
         # transformers 5.x may not keep `tie_word_embeddings` as an attribute on every minor version.
         self.tie_word_embeddings = tie_word_embeddings
-        # 5.x configs may carry RoPE settings as `rope_parameters` (older: `rope_scaling`): honour its theta.
-        for params in self._rope_settings().values():
-            self.rope_theta = params.get("rope_theta", self.rope_theta)
         self.validate_chiar()
 
     def _rope_settings(self):
-        """`rope_parameters` / `rope_scaling` if set. CHIAR implements plain RoPE (`rope_theta`): any
-        scaled variant is refused here rather than silently ignored by the model."""
+        """`rope_parameters` / `rope_scaling` if set (5.x configs may give RoPE's theta there). CHIAR
+        implements plain RoPE (`rope_theta`): any scaled variant is refused rather than ignored."""
         found = {name: getattr(self, name, None) for name in ("rope_parameters", "rope_scaling")}
         found = {name: params for name, params in found.items() if params is not None}
         for name, params in found.items():

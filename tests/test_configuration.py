@@ -109,3 +109,6 @@ def test_rope_parameters_set_rope_theta_and_survive_a_round_trip(tmp_path):
     config.rope_theta = 20000.0  # now disagrees with rope_parameters
     with pytest.raises(ValueError, match="disagrees with rope_theta"):
         ChiarModel(config)
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0}  # a scaled kind set after construction
+    with pytest.raises(ValueError, match="default RoPE only"):
+        ChiarModel(config)

@@ -106,8 +106,6 @@ def test_rbf_on_selected_queries_has_the_reference_gradient_and_counts_its_flops
 def test_rbf_decoding_token_by_token_equals_the_full_pass_and_counts_its_flops():
     """One token per call with a cache (the decoding step's own path) gives the full pass's rows, also
     when some tokens only extend the state; its FLOPs are what torch's counter sees."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from modeling_chiar.cache import ChiarCache
 
     torch.manual_seed(0)

@@ -107,4 +107,4 @@ def test_transformers_common_model_tests_pass(common_tests_tree, variant):
     done = subprocess.run(command, cwd=common_tests_tree.parent, env=env, capture_output=True, text=True, timeout=900)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert done.returncode == 0, f"{variant}: {summary}\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
-    assert " passed" in summary and "failed" not in summary, summary
+    assert " passed" in summary, summary  # something ran
