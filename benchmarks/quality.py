@@ -7,12 +7,16 @@ router, the random router at the same 25% attention share (the control), and the
 Each trains for the same steps from the same seed; the script reports validation and test
 perplexity, the attention query / FLOP fractions executed on validation, training wall-clock time
 and per-layer routing shares, and plots validation perplexity against step and against attention
-FLOPs.
+FLOPs. With `--seeds 0 1 2` every variant trains once per seed (the seed sets the initial weights
+and the batch order, the same for every variant within a seed), and the JSON adds a summary: each
+variant's mean and range over seeds, and its per-seed perplexity differences from the baseline and
+from the random control, which say whether a gap is larger than the seeds' own spread.
 
 Classification (`--task imdb` / `--task listops`): run_classification.py for the bidirectional
 CHIAR and the baseline, model selection on validation, accuracy on test.
 
     python benchmarks/quality.py                          # quick CPU profile (about 30 min on 2 cores)
+    python benchmarks/quality.py --seeds 0 1 2            # the same, three seeds (about 35 min)
     python benchmarks/quality.py --profile full           # GPU profile (full epochs)
     python benchmarks/quality.py --task imdb              # IMDB, quick profile
     python benchmarks/quality.py --task listops           # ListOps, quick profile
@@ -74,8 +78,8 @@ def evaluate(model, data, batch, device, routing=False):
     return math.exp(total_loss / total_tokens), (accumulator.metrics() if routing else {})
 
 
-def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dtype):
-    torch.manual_seed(0)
+def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dtype, seed=0):
+    torch.manual_seed(seed)
     config = ChiarConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=BLOCK, **LM_VARIANTS[name])
     model = ChiarForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
     steps = settings["steps"] or settings["epochs"] * (len(train) // settings["batch"])
@@ -84,7 +88,7 @@ def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dty
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    generator = torch.Generator().manual_seed(0)  # same batches for every variant
+    generator = torch.Generator().manual_seed(seed)  # same batches for every variant
     curve, train_seconds = [], 0.0
     model.train()
     for step in range(1, steps + 1):
@@ -103,12 +107,12 @@ def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dty
         if step % settings["eval_every"] == 0 or step == steps:
             ppl, _ = evaluate(model, valid[: settings["eval_blocks"]] if settings["eval_blocks"] else valid, 16, device)
             curve.append({"step": step, "valid_perplexity": ppl, "train_loss": loss.item()})
-            print(f"  {name:16} step {step:>6}/{steps}  train loss {loss.item():.3f}  valid ppl {ppl:8.2f}", flush=True)
+            print(f"  {name:16} seed {seed}  step {step:>6}/{steps}  train loss {loss.item():.3f}  valid ppl {ppl:8.2f}", flush=True)
     final = settings["final_blocks"]
     valid_ppl, routing = evaluate(model, valid[:final] if final else valid, 16, device, routing=True)
     test_ppl, _ = evaluate(model, test[:final] if final else test, 16, device)
     return {
-        "model": name, "steps": steps, "train_seconds": train_seconds, "valid_perplexity": valid_ppl,
+        "model": name, "seed": seed, "steps": steps, "train_seconds": train_seconds, "valid_perplexity": valid_ppl,
         "test_perplexity": test_ppl, "curve": curve,
         "attention_query_fraction": routing.get("attention_query_fraction"),
         "attention_flops_fraction": routing.get("attention_flops_fraction"),
@@ -126,11 +130,19 @@ def plot(results, path_prefix, title):
     except ImportError:
         print("matplotlib is not installed: no plots")
         return []
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    by_model = {}
     for row in results:
-        axis.plot([p["step"] for p in row["curve"]], [p["valid_perplexity"] for p in row["curve"]], marker="o", ms=3, label=row["model"])
+        by_model.setdefault(row["model"], []).append(row)
+    seeds = max(len(rows) for rows in by_model.values())
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for model, rows in by_model.items():  # one seed: its curve; several: their mean, shaded from min to max
+        steps = [p["step"] for p in rows[0]["curve"]]
+        curves = [[p["valid_perplexity"] for p in row["curve"]] for row in rows]
+        line = axis.plot(steps, [sum(values) / len(values) for values in zip(*curves)], marker="o", ms=3, label=model)
+        if len(curves) > 1:
+            axis.fill_between(steps, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)], color=line[0].get_color(), alpha=0.2)
     axis.set_xlabel("training step")
-    axis.set_ylabel("validation perplexity")
+    axis.set_ylabel("validation perplexity" + (f" (mean and range of {seeds} seeds)" if seeds > 1 else ""))
     axis.set_yscale("log")
     axis.set_title(title)
     axis.legend()
@@ -138,11 +150,14 @@ def plot(results, path_prefix, title):
     curve_path = Path(f"{path_prefix}-curve.png")
     figure.savefig(curve_path, dpi=120)
     figure, axis = plt.subplots(figsize=(6, 4.5))
-    for row in results:
-        axis.scatter(row["attention_flops_fraction"], row["valid_perplexity"], s=40)
-        axis.annotate(row["model"], (row["attention_flops_fraction"], row["valid_perplexity"]), textcoords="offset points", xytext=(5, 5))
+    for model, rows in by_model.items():
+        flops = [row["attention_flops_fraction"] for row in rows]
+        ppl = [row["valid_perplexity"] for row in rows]
+        x, y = sum(flops) / len(flops), sum(ppl) / len(ppl)
+        axis.errorbar(x, y, xerr=[[x - min(flops)], [max(flops) - x]], yerr=[[y - min(ppl)], [max(ppl) - y]], fmt="o", ms=6, capsize=3)
+        axis.annotate(model, (x, y), textcoords="offset points", xytext=(5, 5))
     axis.set_xlabel("attention FLOPs executed / full attention")
-    axis.set_ylabel("validation perplexity")
+    axis.set_ylabel("validation perplexity" + (f" (mean and range of {seeds} seeds)" if seeds > 1 else ""))
     axis.set_title(title)
     figure.tight_layout()
     flops_path = Path(f"{path_prefix}-flops.png")
@@ -160,11 +175,40 @@ def wikitext(args, settings, device, dtype, save):
     train, valid, test = (blocks(tokenizer, folder / f"wiki.{s}.tokens") for s in ("train", "valid", "test"))
     print(f"WikiText-2: {len(train)} / {len(valid)} / {len(test)} blocks of {BLOCK}; vocabulary {len(tokenizer)}")
     results = []
-    for name in args.variants or list(LM_VARIANTS):
-        results.append(train_lm(name, settings, train, valid, test, len(tokenizer), tokenizer.pad_token_id, device, dtype))
-        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("curve", "routing")}), flush=True)
-        save(results, complete=False)
+    for seed in args.seeds:  # seed by seed: a run stopped early leaves whole seeds to compare
+        for name in args.variants or list(LM_VARIANTS):
+            results.append(train_lm(name, settings, train, valid, test, len(tokenizer), tokenizer.pad_token_id, device, dtype, seed))
+            print(json.dumps({k: v for k, v in results[-1].items() if k not in ("curve", "routing")}), flush=True)
+            save(results, complete=False)
     return results
+
+
+def seed_summary(results):
+    """Per variant over seeds: mean, min and max of each metric, and the per-seed perplexity differences
+    from the baseline and from the random control (paired: same seed, so same initial draw and batches)."""
+    by_model = {}
+    for row in results:
+        by_model.setdefault(row["model"], {})[row["seed"]] = row
+
+    def spread(values):
+        return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+    summary = {}
+    for model, rows in by_model.items():
+        entry = {"seeds": sorted(rows)}
+        for key in ("valid_perplexity", "test_perplexity", "attention_flops_fraction", "attention_query_fraction", "train_seconds"):
+            entry[key] = spread([row[key] for row in rows.values()])
+        for reference in ("baseline", "chiar-random"):
+            if reference == model or reference not in by_model:
+                continue
+            paired = sorted(set(rows) & set(by_model[reference]))
+            if paired:
+                for split in ("valid", "test"):
+                    key = f"{split}_perplexity"
+                    differences = [rows[s][key] - by_model[reference][s][key] for s in paired]
+                    entry[f"{split}_perplexity_minus_{reference}"] = dict(spread(differences), per_seed=differences)
+        summary[model] = entry
+    return summary
 
 
 def classification(args, settings, task, save, results_dir):
@@ -214,11 +258,17 @@ def main():
     parser.add_argument("--steps", type=int, help="override the profile's training steps (wikitext)")
     parser.add_argument("--epochs", type=int, help="override the full profile's epochs (wikitext)")
     parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="train every variant once per seed (wikitext); the JSON summarises them (default: 0)")
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--tag", default="", help="suffix for the result files (keeps an earlier run's files)")
     parser.add_argument("--results_dir", type=Path, default=RESULTS, help="where the JSON, plots and runs go (default benchmarks/results)")
     args = parser.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
+    if args.task != "wikitext" and args.seeds != [0]:
+        parser.error("--seeds applies to --task wikitext; the classification runs use run_classification.py's seed 0")
     settings = dict(PROFILES[args.profile])
     if args.steps:
         settings["steps"] = args.steps
@@ -240,6 +290,8 @@ def main():
         record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
                   "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "complete": complete,
                   "plots": plots, "results": results}
+        if args.task == "wikitext" and len(args.seeds) > 1:
+            record["summary"] = seed_summary(results)
         Path(f"{prefix}.json").write_text(json.dumps(record, indent=2) + "\n")
 
     if args.task == "wikitext":

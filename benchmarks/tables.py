@@ -76,11 +76,38 @@ def quality(result):
              f"BPE vocabulary {settings['vocab']}; total wall-clock {result['wall_seconds'] / 60:.1f} min.{incomplete(result)}", "",
              "| model | valid ppl | test ppl | attention FLOPs | attention queries | train time (s) | attention share per layer |",
              "|---|---|---|---|---|---|---|"]
+    seeds = len({row.get("seed", 0) for row in result["results"]}) > 1
+    if seeds:
+        lines[2:4] = ["| model | seed | valid ppl | test ppl | attention FLOPs | attention queries | train time (s) | attention share per layer |",
+                      "|---|---|---|---|---|---|---|---|"]
     for row in result["results"]:
         shares = [row["routing"].get(f"routing_layer{i}_attention", 0.0) for i in range(4)]
-        lines.append(f"| {row['model']} | {row['valid_perplexity']:.2f} | {row['test_perplexity']:.2f} | "
-                     f"{row['attention_flops_fraction']:.3f} | {row['attention_query_fraction']:.3f} | {row['train_seconds']:.0f} | "
-                     + ", ".join(f"{s:.2f}" for s in shares) + " |")
+        lines.append(f"| {row['model']} | " + (f"{row['seed']} | " if seeds else "") + f"{row['valid_perplexity']:.2f} | "
+                     f"{row['test_perplexity']:.2f} | {row['attention_flops_fraction']:.3f} | {row['attention_query_fraction']:.3f} | "
+                     f"{row['train_seconds']:.0f} | " + ", ".join(f"{s:.2f}" for s in shares) + " |")
+    if "summary" in result:
+        lines += ["", seed_summary(result["summary"])]
+    return "\n".join(lines)
+
+
+def seed_summary(summary):
+    """Mean (min to max) over seeds, and the paired differences from the baseline and the random control."""
+
+    def spread(entry, digits=2):
+        return f"{entry['mean']:.{digits}f} ({entry['min']:.{digits}f} to {entry['max']:.{digits}f})"
+
+    def difference(entry):
+        return "n/a" if entry is None else spread(entry)
+
+    lines = ["| model | seeds | valid ppl | test ppl | valid ppl minus baseline's | test ppl minus baseline's | "
+             "valid ppl minus random control's | test ppl minus random control's | attention FLOPs | train time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, entry in summary.items():
+        lines.append(f"| {model} | {len(entry['seeds'])} | {spread(entry['valid_perplexity'])} | {spread(entry['test_perplexity'])} | "
+                     f"{difference(entry.get('valid_perplexity_minus_baseline'))} | {difference(entry.get('test_perplexity_minus_baseline'))} | "
+                     f"{difference(entry.get('valid_perplexity_minus_chiar-random'))} | "
+                     f"{difference(entry.get('test_perplexity_minus_chiar-random'))} | "
+                     f"{spread(entry['attention_flops_fraction'], 3)} | {entry['train_seconds']['mean']:.0f} |")
     return "\n".join(lines)
 
 

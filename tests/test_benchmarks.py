@@ -111,6 +111,35 @@ def test_quality_trains_every_variant_on_the_same_data_and_plots(tmp_path, profi
     assert refused.returncode != 0 and "not a speed.py or generation.py result" in refused.stderr
 
 
+def test_quality_seeds_are_paired_and_summarised(tmp_path):
+    data = tiny_wikitext(tmp_path / "data")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--data_dir", str(data), "--results_dir", str(tmp_path / "out"),
+              "--device", "cpu", "--steps", "2"]
+    refused = subprocess.run([*script, "--seeds", "0", "0"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--seeds must be distinct" in refused.stderr
+    variants = ["baseline", "chiar-threshold", "chiar-random"]
+    done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = tmp_path / "out" / "quality-wikitext-quick.json"
+    result = json.loads(path.read_text())
+    assert [(row["seed"], row["model"]) for row in result["results"]] == [(seed, name) for seed in (0, 1) for name in variants]
+    ppl = {(row["model"], row["seed"]): row["valid_perplexity"] for row in result["results"]}
+    for name in variants:
+        assert ppl[name, 0] != ppl[name, 1]  # the seed changes the initial weights and batches
+    summary = result["summary"]
+    assert "valid_perplexity_minus_baseline" not in summary["baseline"]
+    assert "valid_perplexity_minus_chiar-random" not in summary["chiar-random"]
+    paired = summary["chiar-threshold"]["valid_perplexity_minus_chiar-random"]
+    assert paired["per_seed"] == [ppl["chiar-threshold", s] - ppl["chiar-random", s] for s in (0, 1)]
+    assert paired["min"] <= paired["mean"] <= paired["max"]
+    assert summary["chiar-random"]["valid_perplexity"]["mean"] == (ppl["chiar-random", 0] + ppl["chiar-random", 1]) / 2
+    for plot in result["plots"]:
+        assert Path(plot).is_file()
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(path)], capture_output=True, text=True)
+    assert table.returncode == 0 and "valid ppl minus random control's" in table.stdout, table.stderr
+
+
 def test_device_check_passes_on_the_cpu(tmp_path):
     # The GPU session's first script, on the CPU against itself: two variants, two bf16 training steps.
     result = run_script("device_check.py", "--device", "cpu", "--variants", "threshold-dct+rbf+attention", "learned-dct+attention",
