@@ -15,8 +15,8 @@ from the random control, which say whether a gap is larger than the seeds' own s
 Classification (`--task imdb` / `--task listops`): run_classification.py for the bidirectional
 CHIAR and the baseline, model selection on validation, accuracy on test.
 
-    python benchmarks/quality.py                          # quick CPU profile (about 30 min on 2 cores)
-    python benchmarks/quality.py --seeds 0 1 2            # the same, three seeds (about 35 min)
+    python benchmarks/quality.py                          # quick CPU profile, seed 0 (about 12 min on 2 cores)
+    python benchmarks/quality.py --seeds 0 1 2            # the same, three seeds (about 35 min; docs/benchmarks.md)
     python benchmarks/quality.py --profile full           # GPU profile (full epochs)
     python benchmarks/quality.py --task imdb              # IMDB, quick profile
     python benchmarks/quality.py --task listops           # ListOps, quick profile
@@ -154,8 +154,9 @@ def plot(results, path_prefix, title):
         flops = [row["attention_flops_fraction"] for row in rows]
         ppl = [row["valid_perplexity"] for row in rows]
         x, y = sum(flops) / len(flops), sum(ppl) / len(ppl)
-        axis.errorbar(x, y, xerr=[[x - min(flops)], [max(flops) - x]], yerr=[[y - min(ppl)], [max(ppl) - y]], fmt="o", ms=6, capsize=3)
-        axis.annotate(model, (x, y), textcoords="offset points", xytext=(5, 5))
+        axis.errorbar(x, y, xerr=[[x - min(flops)], [max(flops) - x]], yerr=[[y - min(ppl)], [max(ppl) - y]], fmt="o", ms=6,
+                      capsize=3, label=model)  # a legend, not labels at the points: CHIAR's variants sit on top of each other
+    axis.legend()
     axis.set_xlabel("attention FLOPs executed / full attention")
     axis.set_ylabel("validation perplexity" + (f" (mean and range of {seeds} seeds)" if seeds > 1 else ""))
     axis.set_title(title)
@@ -199,7 +200,7 @@ def seed_summary(results):
         for key in ("valid_perplexity", "test_perplexity", "attention_flops_fraction", "attention_query_fraction", "train_seconds"):
             entry[key] = spread([row[key] for row in rows.values()])
         for reference in ("baseline", "chiar-random"):
-            if reference == model or reference not in by_model:
+            if model in (reference, "baseline") or reference not in by_model:  # the baseline is no CHIAR variant
                 continue
             paired = sorted(set(rows) & set(by_model[reference]))
             if paired:
