@@ -78,7 +78,8 @@ def evaluate(model, data, batch, device, routing=False):
     return math.exp(total_loss / total_tokens), (accumulator.metrics() if routing else {})
 
 
-def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dtype, seed=0):
+def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dtype, seed=0, probe=None):
+    """Train one variant; `probe(step, model, output)`, if given, sees each step's output before backward."""
     torch.manual_seed(seed)
     config = ChiarConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=BLOCK, **LM_VARIANTS[name])
     model = ChiarForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
@@ -95,7 +96,10 @@ def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dty
         batch = train[torch.randint(0, len(train), (settings["batch"],), generator=generator)].to(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(batch, labels=batch).loss
+            output = model(batch, labels=batch)
+        if probe is not None:
+            probe(step, model, output)
+        loss = output.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -112,7 +116,7 @@ def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dty
     valid_ppl, routing = evaluate(model, valid[:final] if final else valid, 16, device, routing=True)
     test_ppl, _ = evaluate(model, test[:final] if final else test, 16, device)
     return {
-        "model": name, "seed": seed, "steps": steps, "train_seconds": train_seconds, "valid_perplexity": valid_ppl,
+        "model": name, "config_overrides": LM_VARIANTS[name], "seed": seed, "steps": steps, "train_seconds": train_seconds, "valid_perplexity": valid_ppl,
         "test_perplexity": test_ppl, "curve": curve,
         "attention_query_fraction": routing.get("attention_query_fraction"),
         "attention_flops_fraction": routing.get("attention_flops_fraction"),
@@ -167,14 +171,22 @@ def plot(results, path_prefix, title):
     return [str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path) for path in (curve_path, flops_path)]
 
 
-def wikitext(args, settings, device, dtype, save):
-    folder = Path(args.data_dir or ROOT.parent / "shared" / "data") / "wikitext-2"
+def load_wikitext(data_dir, vocab):
+    """(train, valid, test, tokenizer): WikiText-2 in blocks of 256 tokens of a BPE trained on its training split."""
+    folder = Path(data_dir or ROOT.parent / "shared" / "data") / "wikitext-2"
     if not folder.is_dir():
         raise SystemExit(f"WikiText-2 not found at {folder}: pass --data_dir (the folder holding wikitext-2/).")
     train_text = (folder / "wiki.train.tokens").read_text(encoding="utf-8")
-    tokenizer = train_tokenizer((line for line in train_text.splitlines() if line.strip()), settings["vocab"])
+    tokenizer = train_tokenizer((line for line in train_text.splitlines() if line.strip()), vocab)
     train, valid, test = (blocks(tokenizer, folder / f"wiki.{s}.tokens") for s in ("train", "valid", "test"))
     print(f"WikiText-2: {len(train)} / {len(valid)} / {len(test)} blocks of {BLOCK}; vocabulary {len(tokenizer)}")
+    return train, valid, test, tokenizer
+
+
+def wikitext(args, settings, device, dtype, save):
+    train, valid, test, tokenizer = load_wikitext(args.data_dir, settings["vocab"])
+    if args.router_aux_loss_coef is not None:
+        LM_VARIANTS["chiar-learned"] = dict(LM_VARIANTS["chiar-learned"], router_aux_loss_coef=args.router_aux_loss_coef)
     results = []
     for seed in args.seeds:  # seed by seed: a run stopped early leaves whole seeds to compare
         for name in args.variants or list(LM_VARIANTS):
@@ -261,6 +273,8 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="train every variant once per seed (wikitext); the JSON summarises them (default: 0)")
+    parser.add_argument("--router_aux_loss_coef", type=float,
+                        help="the learned router's auxiliary-loss weight (default: the config's, 5.0); recorded in the JSON")
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--tag", default="", help="suffix for the result files (keeps an earlier run's files)")
@@ -268,8 +282,8 @@ def main():
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
-    if args.task != "wikitext" and args.seeds != [0]:
-        parser.error("--seeds applies to --task wikitext; the classification runs use run_classification.py's seed 0")
+    if args.task != "wikitext" and (args.seeds != [0] or args.router_aux_loss_coef is not None):
+        parser.error("--seeds and --router_aux_loss_coef apply to --task wikitext (the classification runs use seed 0 and no learned router)")
     settings = dict(PROFILES[args.profile])
     if args.steps:
         settings["steps"] = args.steps

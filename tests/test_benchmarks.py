@@ -118,12 +118,15 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
               "--device", "cpu", "--steps", "2"]
     refused = subprocess.run([*script, "--seeds", "0", "0"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--seeds must be distinct" in refused.stderr
-    variants = ["baseline", "chiar-threshold", "chiar-random"]
-    done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    variants = ["baseline", "chiar-threshold", "chiar-learned", "chiar-random"]
+    done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants, "--router_aux_loss_coef", "0.5"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     path = tmp_path / "out" / "quality-wikitext-quick.json"
     result = json.loads(path.read_text())
     assert [(row["seed"], row["model"]) for row in result["results"]] == [(seed, name) for seed in (0, 1) for name in variants]
+    overrides = {row["model"]: row["config_overrides"] for row in result["results"]}
+    assert overrides["chiar-learned"] == {"router_type": "learned", "router_aux_loss_coef": 0.5} and overrides["chiar-threshold"] == {}
     ppl = {(row["model"], row["seed"]): row["valid_perplexity"] for row in result["results"]}
     for name in variants:
         assert ppl[name, 0] != ppl[name, 1]  # the seed changes the initial weights and batches
@@ -138,6 +141,22 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
         assert Path(plot).is_file()
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(path)], capture_output=True, text=True)
     assert table.returncode == 0 and "valid ppl minus random control's" in table.stdout, table.stderr
+
+
+def test_aux_gradient_separates_the_task_and_auxiliary_gradients(tmp_path):
+    data = tiny_wikitext(tmp_path / "data")
+    result = run_script("aux_gradient.py", "--coefs", "0", "2", "--steps", "2", "--every", "1", "--data_dir", str(data),
+                        "--device", "cpu", output=tmp_path / "aux.json")
+    assert [run["router_aux_loss_coef"] for run in result["runs"]] == [0.0, 2.0]
+    for run in result["runs"]:
+        assert [probe["step"] for probe in run["probes"]] == [1, 2]
+        for probe in run["probes"]:
+            task, aux, total = probe["task_grad_norm"], probe["aux_grad_norm"], probe["total_grad_norm"]
+            assert task > 0 and abs(task - aux) - 1e-6 <= total <= task + aux + 1e-6
+            assert probe["clip_factor"] == min(1.0, 1.0 / total)
+            assert probe["aux_grad_norm_on_gates"] <= aux + 1e-9
+            assert (aux == 0.0) == (run["router_aux_loss_coef"] == 0.0)
+        assert len(run["eval_attention_share_per_layer"]) == 4
 
 
 def test_device_check_passes_on_the_cpu(tmp_path):
