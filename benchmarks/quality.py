@@ -116,8 +116,8 @@ def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dty
     valid_ppl, routing = evaluate(model, valid[:final] if final else valid, 16, device, routing=True)
     test_ppl, _ = evaluate(model, test[:final] if final else test, 16, device)
     return {
-        "model": name, "config_overrides": LM_VARIANTS[name], "seed": seed, "steps": steps, "train_seconds": train_seconds, "valid_perplexity": valid_ppl,
-        "test_perplexity": test_ppl, "curve": curve,
+        "model": name, "config_overrides": LM_VARIANTS[name], "seed": seed, "steps": steps, "train_seconds": train_seconds,
+        "valid_perplexity": valid_ppl, "test_perplexity": test_ppl, "curve": curve,
         "attention_query_fraction": routing.get("attention_query_fraction"),
         "attention_flops_fraction": routing.get("attention_flops_fraction"),
         "routing": {k: v for k, v in routing.items() if k.startswith(("routing_layer", "entropy_layer"))},
