@@ -8,9 +8,10 @@ Each trains for the same steps from the same seed; the script reports validation
 perplexity, the attention query / FLOP fractions executed on validation, training wall-clock time
 and per-layer routing shares, and plots validation perplexity against step and against attention
 FLOPs. With `--seeds 0 1 2` every variant trains once per seed (the seed sets the initial weights
-and the batch order, the same for every variant within a seed), and the JSON adds a summary: each
-variant's mean and range over seeds, and its per-seed perplexity differences from the baseline and
-from the random control, which say whether a gap is larger than the seeds' own spread.
+and the batch order, the same for every variant within a seed; for classification also the
+validation split and the sampled subsets), and the JSON adds a summary: each variant's mean and
+range over seeds, and its per-seed differences from the baseline and from the random control,
+which say whether a gap is larger than the seeds' own spread.
 
 Classification (`--task imdb` / `--task listops`): run_classification.py for the bidirectional
 CHIAR and the baseline, model selection on validation, accuracy on test.
@@ -27,6 +28,7 @@ Writes benchmarks/results/quality-<task>-<profile>.json and PNG plots next to it
 import argparse
 import json
 import math
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -196,9 +198,10 @@ def wikitext(args, settings, device, dtype, save):
     return results
 
 
-def seed_summary(results):
-    """Per variant over seeds: mean, min and max of each metric, and the per-seed perplexity differences
-    from the baseline and from the random control (paired: same seed, so same initial draw and batches)."""
+def seed_summary(results, metric="perplexity"):
+    """Per variant over seeds: mean, min and max of each number, and the per-seed differences of the
+    valid/test `metric` from the baseline and from the random control (paired: within a seed every
+    variant starts from the same draw and sees the same data)."""
     by_model = {}
     for row in results:
         by_model.setdefault(row["model"], {})[row["seed"]] = row
@@ -209,17 +212,20 @@ def seed_summary(results):
     summary = {}
     for model, rows in by_model.items():
         entry = {"seeds": sorted(rows)}
-        for key in ("valid_perplexity", "test_perplexity", "attention_flops_fraction", "attention_query_fraction", "train_seconds"):
-            entry[key] = spread([row[key] for row in rows.values()])
+        for key in (f"valid_{metric}", f"test_{metric}", "attention_flops_fraction", "attention_query_fraction",
+                    "train_seconds", "wall_seconds"):
+            values = [row.get(key) for row in rows.values()]
+            if all(isinstance(value, (int, float)) for value in values):  # the baseline's classifier reports no fractions
+                entry[key] = spread(values)
         for reference in ("baseline", "chiar-random"):
             if model in (reference, "baseline") or reference not in by_model:  # the baseline is no CHIAR variant
                 continue
             paired = sorted(set(rows) & set(by_model[reference]))
             if paired:
                 for split in ("valid", "test"):
-                    key = f"{split}_perplexity"
+                    key = f"{split}_{metric}"
                     differences = [rows[s][key] - by_model[reference][s][key] for s in paired]
-                    entry[f"{split}_perplexity_minus_{reference}"] = dict(spread(differences), per_seed=differences)
+                    entry[f"{key}_minus_{reference}"] = dict(spread(differences), per_seed=differences)
         summary[model] = entry
     return summary
 
@@ -232,9 +238,13 @@ def classification(args, settings, task, save, results_dir):
 
     results = []
     quick = args.profile == "quick"
-    for name, overrides in (("baseline", 'layer_schedule=["attention","attention","attention","attention"]'), ("chiar", "")):
-        out = results_dir / f"runs-{task}-{args.profile}-{name}"
-        argv = ["--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+    runs = [(seed, name, overrides) for seed in args.seeds
+            for name, overrides in (("baseline", 'layer_schedule=["attention","attention","attention","attention"]'), ("chiar", ""))]
+    for seed, name, overrides in runs:
+        # The seed sets the initial weights, the batch order, the validation split and the sampled subsets.
+        out = results_dir / f"runs-{task}-{args.profile}-{name}{f'-seed{seed}' if seed else ''}"
+        shutil.rmtree(out, ignore_errors=True)  # run_classification.py resumes from a checkpoint it finds there
+        argv = ["--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true", "--seed", str(seed),
                 "--per_device_train_batch_size", "16", "--num_train_epochs", "2" if quick else "5"]
         if overrides:
             argv += ["--config_overrides", overrides]
@@ -254,7 +264,7 @@ def classification(args, settings, task, save, results_dir):
         test = json.loads((out / "test_results.json").read_text())
         evaluation = json.loads((out / "eval_results.json").read_text())
         labels = [json.loads(line)["label"] for line in (out / "test_predictions.jsonl").read_text().splitlines()]
-        results.append({"model": name, "test_accuracy": test["test_accuracy"], "valid_accuracy": evaluation["eval_accuracy"],
+        results.append({"model": name, "seed": seed, "test_accuracy": test["test_accuracy"], "valid_accuracy": evaluation["eval_accuracy"],
                         "test_majority_class_accuracy": max(Counter(labels).values()) / len(labels),
                         "attention_flops_fraction": test.get("test_attention_flops_fraction"),
                         "attention_query_fraction": test.get("test_attention_query_fraction"),
@@ -272,7 +282,7 @@ def main():
     parser.add_argument("--epochs", type=int, help="override the full profile's epochs (wikitext)")
     parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="train every variant once per seed (wikitext); the JSON summarises them (default: 0)")
+                        help="train every variant once per seed; the JSON summarises them (default: 0)")
     parser.add_argument("--router_aux_loss_coef", type=float,
                         help="the learned router's auxiliary-loss weight (default: the config's, 5.0); recorded in the JSON")
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
@@ -282,8 +292,8 @@ def main():
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
-    if args.task != "wikitext" and (args.seeds != [0] or args.router_aux_loss_coef is not None):
-        parser.error("--seeds and --router_aux_loss_coef apply to --task wikitext (the classification runs use seed 0 and no learned router)")
+    if args.task != "wikitext" and args.router_aux_loss_coef is not None:
+        parser.error("--router_aux_loss_coef applies to --task wikitext (the classification runs use the threshold router)")
     settings = dict(PROFILES[args.profile])
     if args.steps:
         settings["steps"] = args.steps
@@ -305,8 +315,8 @@ def main():
         record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
                   "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "complete": complete,
                   "plots": plots, "results": results}
-        if args.task == "wikitext" and len(args.seeds) > 1:
-            record["summary"] = seed_summary(results)
+        if len(args.seeds) > 1:
+            record["summary"] = seed_summary(results, "perplexity" if args.task == "wikitext" else "accuracy")
         Path(f"{prefix}.json").write_text(json.dumps(record, indent=2) + "\n")
 
     if args.task == "wikitext":

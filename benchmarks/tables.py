@@ -59,16 +59,19 @@ def generation(result):
 
 
 def quality(result):
+    seeds = len({row.get("seed", 0) for row in result["results"]}) > 1
     if result["task"] != "wikitext":
         lines = [f"Device: {result['device']}; task {result['task']}, profile {result['profile']}.{incomplete(result)}", "",
-                 "| model | valid accuracy | test accuracy | test majority class | attention FLOPs | attention queries | wall-clock (s) |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| model | " + ("seed | " if seeds else "") + "valid accuracy | test accuracy | test majority class | "
+                 "attention FLOPs | attention queries | wall-clock (s) |", "|---" * (8 if seeds else 7) + "|"]
         for row in result["results"]:
             flops = f"{row['attention_flops_fraction']:.3f}" if row.get("attention_flops_fraction") is not None else "n/a"
             queries = f"{row['attention_query_fraction']:.3f}" if row.get("attention_query_fraction") is not None else "n/a"
             majority = f"{row['test_majority_class_accuracy']:.4f}" if "test_majority_class_accuracy" in row else "n/a"
-            lines.append(f"| {row['model']} | {row['valid_accuracy']:.4f} | {row['test_accuracy']:.4f} | {majority} | {flops} | "
-                         f"{queries} | {row['wall_seconds']:.0f} |")
+            lines.append(f"| {row['model']} | " + (f"{row['seed']} | " if seeds else "") + f"{row['valid_accuracy']:.4f} | "
+                         f"{row['test_accuracy']:.4f} | {majority} | {flops} | {queries} | {row['wall_seconds']:.0f} |")
+        if "summary" in result:
+            lines += ["", seed_summary(result["summary"], "accuracy", 4)]
         return "\n".join(lines)
     settings = result["settings"]
     length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']} epochs"
@@ -76,7 +79,6 @@ def quality(result):
              f"BPE vocabulary {settings['vocab']}; total wall-clock {result['wall_seconds'] / 60:.1f} min.{incomplete(result)}", "",
              "| model | valid ppl | test ppl | attention FLOPs | attention queries | train time (s) | attention share per layer |",
              "|---|---|---|---|---|---|---|"]
-    seeds = len({row.get("seed", 0) for row in result["results"]}) > 1
     if seeds:
         lines[2:4] = ["| model | seed | valid ppl | test ppl | attention FLOPs | attention queries | train time (s) | attention share per layer |",
                       "|---|---|---|---|---|---|---|---|"]
@@ -86,28 +88,26 @@ def quality(result):
                      f"{row['test_perplexity']:.2f} | {row['attention_flops_fraction']:.3f} | {row['attention_query_fraction']:.3f} | "
                      f"{row['train_seconds']:.0f} | " + ", ".join(f"{s:.2f}" for s in shares) + " |")
     if "summary" in result:
-        lines += ["", seed_summary(result["summary"])]
+        lines += ["", seed_summary(result["summary"], "perplexity", 2)]
     return "\n".join(lines)
 
 
-def seed_summary(summary):
+def seed_summary(summary, metric, digits):
     """Mean (min to max) over seeds, and the paired differences from the baseline and the random control."""
 
-    def spread(entry, digits=2):
-        return f"{entry['mean']:.{digits}f} ({entry['min']:.{digits}f} to {entry['max']:.{digits}f})"
+    def spread(entry, places=digits):
+        return "n/a" if entry is None else f"{entry['mean']:.{places}f} ({entry['min']:.{places}f} to {entry['max']:.{places}f})"
 
-    def difference(entry):
-        return "n/a" if entry is None else spread(entry)
-
-    lines = ["| model | seeds | valid ppl | test ppl | valid ppl minus baseline's | test ppl minus baseline's | "
-             "valid ppl minus random control's | test ppl minus random control's | attention FLOPs | train time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    name = {"perplexity": "ppl", "accuracy": "accuracy"}[metric]
+    time_key = "train_seconds" if metric == "perplexity" else "wall_seconds"
+    lines = [f"| model | seeds | valid {name} | test {name} | valid {name} minus baseline's | test {name} minus baseline's | "
+             f"valid {name} minus random control's | test {name} minus random control's | attention FLOPs | "
+             f"{'train time' if metric == 'perplexity' else 'wall-clock'} (s) |", "|---" * 10 + "|"]
     for model, entry in summary.items():
-        lines.append(f"| {model} | {len(entry['seeds'])} | {spread(entry['valid_perplexity'])} | {spread(entry['test_perplexity'])} | "
-                     f"{difference(entry.get('valid_perplexity_minus_baseline'))} | {difference(entry.get('test_perplexity_minus_baseline'))} | "
-                     f"{difference(entry.get('valid_perplexity_minus_chiar-random'))} | "
-                     f"{difference(entry.get('test_perplexity_minus_chiar-random'))} | "
-                     f"{spread(entry['attention_flops_fraction'], 3)} | {entry['train_seconds']['mean']:.0f} |")
+        lines.append(f"| {model} | {len(entry['seeds'])} | {spread(entry[f'valid_{metric}'])} | {spread(entry[f'test_{metric}'])} | "
+                     f"{spread(entry.get(f'valid_{metric}_minus_baseline'))} | {spread(entry.get(f'test_{metric}_minus_baseline'))} | "
+                     f"{spread(entry.get(f'valid_{metric}_minus_chiar-random'))} | {spread(entry.get(f'test_{metric}_minus_chiar-random'))} | "
+                     f"{spread(entry.get('attention_flops_fraction'), 3)} | {entry[time_key]['mean']:.0f} |")
     return "\n".join(lines)
 
 
