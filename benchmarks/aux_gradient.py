@@ -60,7 +60,6 @@ def main():
     train, valid, test, tokenizer = quality.load_wikitext(args.data_dir, settings["vocab"])
     started, runs = time.perf_counter(), []
     for coef in args.coefs:
-        quality.LM_VARIANTS["chiar-learned"] = dict(router_type="learned", router_aux_loss_coef=coef)
         probes = []
 
         def probe(step, model, output):
@@ -80,7 +79,7 @@ def main():
             })
 
         row = quality.train_lm("chiar-learned", settings, train, valid, test, len(tokenizer), tokenizer.pad_token_id,
-                               device, dtype, args.seed, probe=probe)
+                               device, dtype, args.seed, probe=probe, extra={"router_aux_loss_coef": coef})
         summary = dict(summarise(probes, args.early), router_aux_loss_coef=coef,
                        valid_perplexity=row["valid_perplexity"], test_perplexity=row["test_perplexity"],
                        eval_attention_share_per_layer=[row["routing"].get(f"routing_layer{i}_attention", 0.0) for i in range(4)])

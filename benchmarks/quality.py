@@ -80,10 +80,12 @@ def evaluate(model, data, batch, device, routing=False):
     return math.exp(total_loss / total_tokens), (accumulator.metrics() if routing else {})
 
 
-def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dtype, seed=0, probe=None):
-    """Train one variant; `probe(step, model, output)`, if given, sees each step's output before backward."""
+def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dtype, seed=0, probe=None, extra=None):
+    """Train one variant, its config changed further by `extra` if given; `probe(step, model, output)`, if
+    given, sees each step's output before backward."""
     torch.manual_seed(seed)
-    config = ChiarConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=BLOCK, **LM_VARIANTS[name])
+    overrides = dict(LM_VARIANTS[name], **(extra or {}))
+    config = ChiarConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=BLOCK, **overrides)
     model = ChiarForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
     steps = settings["steps"] or settings["epochs"] * (len(train) // settings["batch"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01, betas=(0.9, 0.95))
@@ -118,7 +120,7 @@ def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dty
     valid_ppl, routing = evaluate(model, valid[:final] if final else valid, 16, device, routing=True)
     test_ppl, _ = evaluate(model, test[:final] if final else test, 16, device)
     return {
-        "model": name, "config_overrides": LM_VARIANTS[name], "seed": seed, "steps": steps, "train_seconds": train_seconds,
+        "model": name, "config_overrides": overrides, "seed": seed, "steps": steps, "train_seconds": train_seconds,
         "valid_perplexity": valid_ppl, "test_perplexity": test_ppl, "curve": curve,
         "attention_query_fraction": routing.get("attention_query_fraction"),
         "attention_flops_fraction": routing.get("attention_flops_fraction"),
@@ -187,12 +189,12 @@ def load_wikitext(data_dir, vocab):
 
 def wikitext(args, settings, device, dtype, save):
     train, valid, test, tokenizer = load_wikitext(args.data_dir, settings["vocab"])
-    if args.router_aux_loss_coef is not None:
-        LM_VARIANTS["chiar-learned"] = dict(LM_VARIANTS["chiar-learned"], router_aux_loss_coef=args.router_aux_loss_coef)
+    learned = None if args.router_aux_loss_coef is None else {"router_aux_loss_coef": args.router_aux_loss_coef}
     results = []
     for seed in args.seeds:  # seed by seed: a run stopped early leaves whole seeds to compare
         for name in args.variants or list(LM_VARIANTS):
-            results.append(train_lm(name, settings, train, valid, test, len(tokenizer), tokenizer.pad_token_id, device, dtype, seed))
+            results.append(train_lm(name, settings, train, valid, test, len(tokenizer), tokenizer.pad_token_id, device, dtype,
+                                    seed, extra=learned if name == "chiar-learned" else None))
             print(json.dumps({k: v for k, v in results[-1].items() if k not in ("curve", "routing")}), flush=True)
             save(results, complete=False)
     return results

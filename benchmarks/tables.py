@@ -77,11 +77,8 @@ def quality(result):
     length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']} epochs"
     lines = [f"Device: {result['device']}, torch {result['torch']}; {length} of batch {settings['batch']} x 256 tokens, "
              f"BPE vocabulary {settings['vocab']}; total wall-clock {result['wall_seconds'] / 60:.1f} min.{incomplete(result)}", "",
-             "| model | valid ppl | test ppl | attention FLOPs | attention queries | train time (s) | attention share per layer |",
-             "|---|---|---|---|---|---|---|"]
-    if seeds:
-        lines[2:4] = ["| model | seed | valid ppl | test ppl | attention FLOPs | attention queries | train time (s) | attention share per layer |",
-                      "|---|---|---|---|---|---|---|---|"]
+             "| model | " + ("seed | " if seeds else "") + "valid ppl | test ppl | attention FLOPs | attention queries | "
+             "train time (s) | attention share per layer |", "|---" * (8 if seeds else 7) + "|"]
     for row in result["results"]:
         shares = [row["routing"].get(f"routing_layer{i}_attention", 0.0) for i in range(4)]
         lines.append(f"| {row['model']} | " + (f"{row['seed']} | " if seeds else "") + f"{row['valid_perplexity']:.2f} | "

@@ -118,6 +118,8 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
               "--device", "cpu", "--steps", "2"]
     refused = subprocess.run([*script, "--seeds", "0", "0"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--seeds must be distinct" in refused.stderr
+    refused = subprocess.run([*script, "--task", "listops", "--router_aux_loss_coef", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--router_aux_loss_coef applies to --task wikitext" in refused.stderr
     variants = ["baseline", "chiar-threshold", "chiar-learned", "chiar-random"]
     done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants, "--router_aux_loss_coef", "0.5"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -148,6 +150,11 @@ def test_aux_gradient_separates_the_task_and_auxiliary_gradients(tmp_path):
     result = run_script("aux_gradient.py", "--coefs", "0", "2", "--steps", "2", "--every", "1", "--data_dir", str(data),
                         "--device", "cpu", output=tmp_path / "aux.json")
     assert [run["router_aux_loss_coef"] for run in result["runs"]] == [0.0, 2.0]
+    # Step 1 of both runs: same weights and batch, so the same task loss, which holds only if each model's
+    # loss carries its own weight (the probe subtracts `coef` x the auxiliary loss from it).
+    first = [run["probes"][0] for run in result["runs"]]
+    assert first[0]["task_loss"] == pytest.approx(first[1]["task_loss"], rel=1e-6)
+    assert first[0]["weighted_aux_loss"] == 0.0 < first[1]["weighted_aux_loss"]
     for run in result["runs"]:
         assert [probe["step"] for probe in run["probes"]] == [1, 2]
         for probe in run["probes"]:
