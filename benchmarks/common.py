@@ -3,7 +3,10 @@ the timing scripts' options."""
 
 import argparse
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +20,21 @@ def describe_device(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def provenance():
+    """The command that wrote a result and the commit it ran (with `+changes` when the tree was dirty)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "modeling_chiar", "benchmarks", "chiar"):
+        commit += "+changes"
+    command = "python " + " ".join(shlex.quote(arg) for arg in [str(Path(sys.argv[0]).relative_to(root)) if Path(sys.argv[0]).resolve().is_relative_to(root) else sys.argv[0], *sys.argv[1:]])
+    return {"command": command, "commit": commit}
 
 
 def calibrated_model(model_class, config, device=torch.device("cpu"), dtype=None, batches=6):

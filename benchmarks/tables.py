@@ -26,7 +26,7 @@ def ratio_quartiles(baseline_seconds, seconds):
 def round_ratio_quartiles(result, row):
     """First and third quartiles of the per-round baseline/model time ratios (the spread behind the median)."""
     baseline = next(r for r in result["rows"] if r["model"] == "baseline"
-                    and all(r.get(key) == row.get(key) for key in ("target", "length", "mode")))
+                    and all(r.get(key) == row.get(key) for key in ("target", "length", "mode", "compiled")))
     if row is baseline or len(row["seconds_all_rounds"]) < 2:
         return "n/a"
     q1, _, q3 = ratio_quartiles(baseline["seconds_all_rounds"], row["seconds_all_rounds"])
@@ -36,12 +36,14 @@ def round_ratio_quartiles(result, row):
 def speed(result):
     lines = [f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; {result['shape']}; "
              f"{result['settings']['rounds']} timed rounds.{incomplete(result)}", "",
-             "| target | T | batch | mode | model | tokens/s | vs baseline | rounds' quartiles | attention FLOPs | total FLOPs | attention query share | memory vs baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| target | T | batch | mode | model | compiled (compile s) | tokens/s | vs baseline | rounds' quartiles | "
+             "attention FLOPs | total FLOPs | attention query share | memory vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         memory = f"{row['memory_vs_baseline']:.2f}" if row.get("memory_vs_baseline") else "n/a"
+        compiled = f"yes ({row['compile_seconds']:.0f})" if row.get("compiled") else "no"
         lines.append(
-            f"| {row['target']} | {row['length']} | {row['batch']} | {row['mode']} | {row['model']} | {row['tokens_per_s']:,.0f} | "
+            f"| {row['target']} | {row['length']} | {row['batch']} | {row['mode']} | {row['model']} | {compiled} | {row['tokens_per_s']:,.0f} | "
             f"{row['speedup_vs_baseline']:.2f}x | {round_ratio_quartiles(result, row)} | {row['attention_flops_fraction']:.3f} | "
             f"{row['total_flops_fraction']:.3f} | {row['attention_query_fraction']:.3f} | {memory} |"
         )

@@ -11,7 +11,9 @@ On a validation set we evaluate three models that share every weight and differ 
 
 If `trained` is not clearly better than `random`, the entropy is not telling the router anything
 the position hash does not; if `inverted` is as good as `trained`, the direction of the rule
-("high entropy needs attention") is not what matters. The metric is perplexity for a causal LM
+("high entropy needs attention") is not what matters. The audit compares routers, not budgets: it
+lifts the attention budget for all three (every request granted), so each runs its own choices at
+the measured shares; the trained model's usual overflow is reported beside them. The metric is perplexity for a causal LM
 and accuracy for a classifier. Routers are swapped in place on `layer.mixer.router` and restored
 afterwards; the replacements follow the router interface of `modeling_chiar/routing.py`.
 """
@@ -26,7 +28,7 @@ from torch import nn
 from chiar.routing_stats import default_length, make_batches, pad_id_for, routed_passes
 from chiar.routing_viz import eval_mode, load_model
 from modeling_chiar.fp32_buffers import KeepsFP32Buffers
-from modeling_chiar.routing import GateRouter, RoutingDecision, ThresholdRouter, position_hash
+from modeling_chiar.routing import GateRouter, RoutingDecision, ThresholdRouter, position_hash, unlimited_capacity_factor
 from modeling_chiar.spectral import spectral_entropy
 
 VARIANTS = ("trained", "random", "inverted")
@@ -121,6 +123,18 @@ def swapped_routers(model, routers):
             layers[i].mixer.router = router
 
 
+@contextlib.contextmanager
+def unbudgeted(model):
+    """Temporarily grant every routing request (see the module docstring)."""
+    config = model.config
+    saved = config.router_capacity_factor
+    config.router_capacity_factor = unlimited_capacity_factor(config)
+    try:
+        yield model
+    finally:
+        config.router_capacity_factor = saved
+
+
 def _layers(model):
     return getattr(model, "model", model).layers
 
@@ -176,6 +190,7 @@ class Evaluation:
     def __init__(self, model):
         self.model = model
         self.counts = {i: [0] * len(_layers(model)[i].mixer.operators) for i in routed_layers(model)}
+        self.requested = {i: [0] * len(counts) for i, counts in self.counts.items()}
         self.tokens = 0
         self.nll, self.predicted, self.correct, self.examples = 0.0, 0, 0, 0
 
@@ -183,9 +198,12 @@ class Evaluation:
         real = mask.to(torch.bool).to(outputs.logits.device)
         self.tokens += int(real.sum())
         for i in self.counts:
-            chosen = outputs.routing[i].operator_ids[real]
+            record = outputs.routing[i]
+            chosen = record.operator_ids[real]
+            asked = (record.requested_ids if record.requested_ids is not None else record.operator_ids)[real]
             for k in range(len(self.counts[i])):
                 self.counts[i][k] += int((chosen == k).sum())
+                self.requested[i][k] += int((asked == k).sum())
         if labels is None:  # causal LM: next-token NLL over real positions
             ids = input_ids.to(outputs.logits.device)
             logits = outputs.logits[:, :-1].float()
@@ -198,14 +216,16 @@ class Evaluation:
             self.examples += len(labels)
 
     def result(self):
-        shares = {}
+        shares, requested = {}, {}
         for i, counts in self.counts.items():
             ops = _layers(self.model)[i].mixer.operators
             shares[str(i)] = {op: c / self.tokens for op, c in zip(ops, counts)}
+            requested[str(i)] = {op: c / self.tokens for op, c in zip(ops, self.requested[i])}
         if self.examples:
-            return {"accuracy": self.correct / self.examples, "examples": self.examples, "shares": shares}
+            return {"accuracy": self.correct / self.examples, "examples": self.examples, "shares": shares, "requested": requested}
         loss = self.nll / max(self.predicted, 1)
-        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "predicted_tokens": self.predicted, "shares": shares}
+        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "predicted_tokens": self.predicted, "shares": shares,
+                "requested": requested}
 
 
 def evaluate(model, batches, progress=False, desc="evaluating"):
@@ -276,6 +296,10 @@ def audit(model, tokenizer, records, max_length=None, batch_size=8, variants=VAR
         raise ValueError("The validation set is empty (no tokens after tokenization).")
 
     with eval_mode(model):
+        budgeted = evaluate(model, batches, progress, "trained, as configured")
+        overflow = {layer: {op: budgeted["requested"][layer][op] - budgeted["shares"][layer][op] for op in budgeted["shares"][layer]}
+                    for layer in budgeted["shares"]}
+    with eval_mode(model), unbudgeted(model):
         trained = evaluate(model, batches, progress, "trained")
         shares = trained["shares"]
         results = {"trained": trained}
@@ -297,6 +321,8 @@ def audit(model, tokenizer, records, max_length=None, batch_size=8, variants=VAR
         "routed_layers": layers,
         "router_type": model.config.router_type,
         "measured_shares": shares,
+        "budget": {"capacity_factor": model.config.router_capacity_factor, "block_size": model.config.router_block_size,
+                   metric: budgeted[metric], "overflow": overflow},
         "variants": {name: results[name] for name in VARIANTS if name in results},
     }
 

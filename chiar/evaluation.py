@@ -1,8 +1,9 @@
 """Routing statistics accumulated over an evaluation set, as flat metrics for logs and JSON files.
 
 Per routed quantity the keys are (prefix omitted): `attention_query_fraction`,
-`attention_flops_fraction`, `routing_layer{i}_{operator}` (share of real tokens), and
-`entropy_layer{i}` (mean spectral entropy of real tokens). Everything comes from the model's own
+`attention_flops_fraction`, `routing_layer{i}_{operator}` (share of real tokens that ran the
+operator), `overflow_layer{i}_{operator}` (share of real tokens that asked for a budgeted operator
+and took the cheapest one instead), and `entropy_layer{i}` (mean spectral entropy of real tokens). Everything comes from the model's own
 records (`outputs.routing`) and FLOP accounting (`modeling_chiar.flops`).
 """
 
@@ -20,7 +21,10 @@ class RoutingAccumulator:
         self.config = config
         self.keys = ["real_tokens", "attention_queries", "attention_flops", "baseline_flops"]
         for i in range(config.num_hidden_layers):
-            self.keys += [f"routing_layer{i}_{op}" for op in config.layer_operators(i)] + [f"entropy_layer{i}"]
+            operators = config.layer_operators(i)
+            self.keys += [f"routing_layer{i}_{op}" for op in operators] + [f"entropy_layer{i}"]
+            if len(operators) > 1:
+                self.keys += [f"overflow_layer{i}_{op}" for op in operators[1:]]
         self.sums = dict.fromkeys(self.keys, 0.0)
 
     @torch.no_grad()
@@ -30,18 +34,22 @@ class RoutingAccumulator:
         batch, length = first.operator_ids.shape
         mask = first.token_mask
         self.sums["real_tokens"] += batch * length if mask is None else int(mask.sum())
-        fused = (self.config._attn_implementation or "eager") == "sdpa" and self.config.is_causal and mask is None
+        implementation = self.config._attn_implementation or "eager"
         for i, record in enumerate(routing):
             ids = record.operator_ids if mask is None else record.operator_ids[mask]
             for k, op in enumerate(record.operators):
                 self.sums[f"routing_layer{i}_{op}"] += float((ids == k).sum())
+            if record.requested_ids is not None:
+                asked = record.requested_ids if mask is None else record.requested_ids[mask]
+                for k, op in enumerate(record.operators[1:], start=1):
+                    self.sums[f"overflow_layer{i}_{op}"] += float(((asked == k) & (ids != k)).sum())
             if record.entropy is not None:
                 values = record.entropy if mask is None else record.entropy[mask]
                 self.sums[f"entropy_layer{i}"] += float(values.float().sum())
             self.sums["attention_queries"] += record.attention_queries
             self.sums["attention_flops"] += record.attention_flops
             self.sums["baseline_flops"] += full_attention_layer_flops(
-                batch, length, self.config.hidden_size, self.config.is_causal, fused
+                batch, length, self.config.hidden_size, self.config.is_causal, implementation
             )
 
     def totals(self):
@@ -58,23 +66,24 @@ class RoutingAccumulator:
             "attention_flops_fraction": sums["attention_flops"] / sums["baseline_flops"] if sums["baseline_flops"] else 0.0,
         }
         for key in self.keys:
-            if key.startswith(("routing_layer", "entropy_layer")):
+            if key.startswith(("routing_layer", "entropy_layer", "overflow_layer")):
                 out[key] = sums[key] / real
         return out
 
 
-_METRIC = re.compile(r"^(?:[a-z]+_)?(routing_layer(\d+)_(\w+)|entropy_layer(\d+))$")
+_METRIC = re.compile(r"^(?:[a-z]+_)?(?:(routing|overflow)_layer(\d+)_(\w+)|entropy_layer(\d+))$")
 
 
 def routing_metrics(metrics):
-    """{layer: {"shares": {op: share}, "mean_entropy": h}} from flat eval metrics (any prefix)."""
+    """{layer: {"shares": {op: share}, "overflow": {op: share}, "mean_entropy": h}} from flat eval metrics (any prefix)."""
     layers = {}
     for key, value in (metrics or {}).items():
         match = _METRIC.match(key)
         if not match:
             continue
         if match.group(2) is not None:
-            layers.setdefault(int(match.group(2)), {}).setdefault("shares", {})[match.group(3)] = value
+            field = "shares" if match.group(1) == "routing" else "overflow"
+            layers.setdefault(int(match.group(2)), {}).setdefault(field, {})[match.group(3)] = value
         else:
             layers.setdefault(int(match.group(4)), {})["mean_entropy"] = value
     return dict(sorted(layers.items()))

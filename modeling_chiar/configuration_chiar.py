@@ -62,6 +62,11 @@ class ChiarConfig(PretrainedConfig):
             mean for the first 1/momentum batches, then an EMA). 0.1 follows a model whose hidden states
             move during training; 0.01 lagged so far that a 200-step WikiText-2 run ended with 0.37
             of a layer's tokens on attention instead of 0.25 (benchmarks/quality.py).
+        router_block_size (`int`): the budget's block, in real-token positions (default 128). Every
+            routed operator but the cheapest has a fixed number of query slots per block.
+        router_capacity_factor (`float`): slots per block = ceil(target share x block x factor), at most
+            the block (default 1.25). A token asking for a full operator takes the cheapest one instead
+            (overflow, reported). A factor of 1 / target or more grants every request.
         rbf_num_features (`int`), rbf_gamma (`float`): random features and bandwidth of RBF mixing.
         use_meta_router (`bool`): v2's gate blending the first layer's output with its input.
         is_causal (`bool`): causal (language modelling) or bidirectional (classification) mixing.
@@ -102,6 +107,8 @@ class ChiarConfig(PretrainedConfig):
         router_thresholds=None,
         router_aux_loss_coef=5.0,
         router_calibration_momentum=0.1,
+        router_block_size=128,
+        router_capacity_factor=1.25,
         rbf_num_features=64,
         rbf_gamma=1.0,
         use_meta_router=False,
@@ -135,6 +142,8 @@ class ChiarConfig(PretrainedConfig):
         self.router_thresholds = list(router_thresholds) if router_thresholds is not None else None
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_calibration_momentum = router_calibration_momentum
+        self.router_block_size = router_block_size
+        self.router_capacity_factor = router_capacity_factor
         self.rbf_num_features = rbf_num_features
         self.rbf_gamma = rbf_gamma
         self.use_meta_router = use_meta_router
@@ -187,6 +196,8 @@ class ChiarConfig(PretrainedConfig):
         _check_int("intermediate_size", self.intermediate_size, 1)
         _check_int("max_position_embeddings", self.max_position_embeddings, 1)
         _check_int("rbf_num_features", self.rbf_num_features, 1)
+        _check_int("router_block_size", self.router_block_size, 1)
+        _check_positive("router_capacity_factor", self.router_capacity_factor)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -205,8 +216,8 @@ class ChiarConfig(PretrainedConfig):
                 raise ValueError(f"{name}['rope_theta']={theta} disagrees with rope_theta={self.rope_theta}.")
         _check_positive("rbf_gamma", self.rbf_gamma)
         _check_positive("layer_norm_eps", self.layer_norm_eps)
-        if not (isinstance(self.router_aux_loss_coef, (int, float)) and self.router_aux_loss_coef >= 0):
-            raise ValueError(f"router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}.")
+        if not (_is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
+            raise ValueError(f"router_aux_loss_coef must be a finite number >= 0, got {self.router_aux_loss_coef!r}.")
         if not (isinstance(self.router_calibration_momentum, (int, float)) and 0 < self.router_calibration_momentum <= 1):
             raise ValueError(
                 f"router_calibration_momentum must be in (0, 1], got {self.router_calibration_momentum!r}."
@@ -274,14 +285,19 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
+def _is_number(value):
+    """A finite int or float (not a bool, a string, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_prob(name, value):
-    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if not _is_number(value) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}.")
 
 
 def _check_positive(name, value):
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+    if not _is_number(value) or not value > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
 __all__ = ["ChiarConfig"]

@@ -1,7 +1,7 @@
 """CHIAR-Former: each token, at each routed layer, takes one of DCT mixing, RBF mixing or attention.
 
-Assembly only: operators live in `operator_*.py`, routing in `routing.py`, FLOP formulas in
-`flops.py`. Semantics: spec/CHIAR.md.
+Assembly only: embeddings, layers and heads. Operators live in `operator_*.py` (one call contract,
+`operators.py`), routing in `routing.py`, FLOP formulas in `flops.py`. Semantics: docs/architecture.md.
 """
 
 import dataclasses
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -22,36 +21,89 @@ from transformers.utils import logging
 
 from .cache import ChiarCache
 from .configuration_chiar import ChiarConfig
-from .flops import linear_flops
+from .flops import entropy_flops, gate_flops
 from .fp32_buffers import KeepsFP32Buffers
 from .operator_attention import RotaryEmbedding, RoutedAttention
 from .operator_dct import DCTMixing
-from .operator_rbf import RBFMixing, rbf_features
-from .routing import GateRouter, MetaRouter, RandomRouter, ThresholdRouter, build_router, initial_thresholds
+from .operator_rbf import RBFMixing
+from .operators import MixContext, gather_rows
+from .routing import (
+    EVERY_TOKEN,
+    GateRouter,
+    MetaRouter,
+    ThresholdRouter,
+    build_router,
+    calibrates,
+    is_dense,
+    needs_entropy,
+    observe,
+    route,
+)
 from .spectral import dct_matrix, spectral_entropy_from_coefficients
 
 logger = logging.get_logger(__name__)
 
+OPERATOR_CLASSES = {"dct": DCTMixing, "rbf": RBFMixing, "attention": RoutedAttention}
+
 
 @dataclass
 class LayerRouting:
-    """What one layer did: which operator each token took, its entropy, and the work executed."""
+    """What one layer did: which operator each token asked for and took, its entropy, and the work executed.
+
+    Tensors are in the caller's token order. Counts are read from them on demand, after the pass.
+    """
 
     operators: tuple  # operator names; `operator_ids` index into them
-    operator_ids: torch.Tensor  # (B, T) long
+    operator_ids: torch.Tensor  # (B, T) long: the operator each token ran
     entropy: torch.Tensor | None  # (B, T) in [0, 1]
-    token_mask: torch.Tensor | None  # (B, T) bool, real tokens; None when nothing is padded
-    thresholds: torch.Tensor | None = None  # threshold router only
-    attention_queries: int = 0  # real tokens that ran attention as a query
+    token_mask: torch.Tensor | None  # (B, T) bool, real tokens; None when the input had no attention_mask
+    thresholds: torch.Tensor | None = None  # threshold router only: its eval thresholds
+    requested_ids: torch.Tensor | None = None  # (B, T) what the router asked for (None: same as operator_ids)
+    slots: dict | None = None  # budgeted operator -> query slots of this pass (batch x slots per row)
+    dense: bool = False  # every operator ran on every token (one operator, or the soft router)
     attention_flops: float = 0.0  # attention FLOPs executed (projections and kernel)
     operator_flops: float = 0.0  # FLOPs of the token-operator sub-layer, routing included
 
+    def _real(self, ids):
+        return ids.flatten() if self.token_mask is None else ids[self.token_mask]
+
+    def _counts(self, ids):
+        real = self._real(ids)
+        return [int((real == k).sum()) for k in range(len(self.operators))], max(int(real.numel()), 1)
+
     def shares(self):
-        """Each operator's share of the real (non-padding) tokens."""
-        mask = torch.ones_like(self.operator_ids, dtype=torch.bool) if self.token_mask is None else self.token_mask
-        ids = self.operator_ids[mask]
-        total = max(int(ids.numel()), 1)
-        return {op: int((ids == k).sum()) / total for k, op in enumerate(self.operators)}
+        """Each operator's share of the real (non-padding) tokens: what ran."""
+        counts, total = self._counts(self.operator_ids)
+        return {op: count / total for op, count in zip(self.operators, counts)}
+
+    def requested_shares(self):
+        """Each operator's share of the real tokens that asked for it."""
+        counts, total = self._counts(self.requested_ids if self.requested_ids is not None else self.operator_ids)
+        return {op: count / total for op, count in zip(self.operators, counts)}
+
+    def overflow(self):
+        """Budgeted operator -> share of real tokens that asked for it and took the cheapest operator."""
+        asked, ran = self.requested_shares(), self.shares()
+        return {op: asked[op] - ran[op] for op in (self.slots or {})}
+
+    def unused_slots(self):
+        """Budgeted operator -> share of its query slots that no token held."""
+        counts, _ = self._counts(self.operator_ids)
+        return {op: 1 - counts[self.operators.index(op)] / max(n, 1) for op, n in (self.slots or {}).items()}
+
+    @property
+    def attention_queries(self):
+        """Real tokens that ran attention as a query."""
+        if "attention" not in self.operators:
+            return 0
+        real = self._real(self.operator_ids)
+        return int(real.numel()) if self.dense else int((real == self.operators.index("attention")).sum())
+
+    def mean_entropy(self):
+        if self.entropy is None:
+            return None
+        values = self._real(self.entropy)
+        return float(values.float().mean()) if values.numel() else None
 
 
 # transformers 5.17 passes and reads the decoding cache as `past_key_values`; later 5.x versions call it
@@ -82,168 +134,80 @@ ChiarSequenceClassifierOutput = _output_class(
 )
 
 
-@dataclass
-class MixContext:
-    """Per-forward data every layer shares."""
-
-    rope: tuple  # (cos, sin), each (B, n, head_dim), for the n tokens of this pass
-    positions: torch.Tensor  # (B, n) positions counting real tokens only
-    token_mask: torch.Tensor | None  # (B, n) bool, real tokens of this pass; None when none is padding
-    dct: torch.Tensor  # (d, d) orthonormal DCT-II
-    output_routing: bool
-    output_attentions: bool
-    cache: ChiarCache | None = None
-    key_mask: torch.Tensor | None = None  # (B, past + n) bool over every key; None when nothing is padding
-    # Threshold-router thresholds as they were when the pass started: the update that follows the pass
-    # must not reach a gradient-checkpointing recomputation of it.
-    thresholds: dict | None = None
-    _real_tokens: int | None = None
-
-    def real_tokens(self):
-        """Number of real tokens of this pass, read from the device once per forward, when first needed."""
-        if self._real_tokens is None:
-            self._real_tokens = int(self.token_mask.sum()) if self.token_mask is not None else self.positions.numel()
-        return self._real_tokens
-
-
-def gather_selected(selected):
-    """Indices (B, M) of the True entries of `selected` (B, T) in position order, which are real, and
-    each row's count as a list (read in one host sync, which also sizes the gather).
-
-    Rows with fewer than M selections are filled with unselected positions marked invalid: they are
-    computed (a rectangular batch) but their outputs are discarded.
-    """
-    length = selected.shape[1]
-    counts = selected.sum(dim=1)
-    per_row = counts.tolist()
-    num = max(per_row, default=0)
-    order_key = (~selected).long() * length + torch.arange(length, device=selected.device)
-    index = order_key.argsort(dim=1)[:, :num]
-    valid = torch.arange(num, device=selected.device)[None, :] < counts[:, None]
-    return index, valid, per_row
-
-
 class TokenMixer(nn.Module):
-    """The token-operator sub-layer of one layer: route, run each operator on its tokens only, merge."""
+    """The token-operator sub-layer of one layer: route, run each operator on what it serves, add up."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.operators = config.layer_operators(layer_idx)
-        self.dct = DCTMixing(config.hidden_size) if "dct" in self.operators else None
-        self.rbf = RBFMixing(config, layer_idx) if "rbf" in self.operators else None
-        self.attention = RoutedAttention(config, layer_idx) if "attention" in self.operators else None
+        for name, operator_class in OPERATOR_CLASSES.items():
+            setattr(self, name, operator_class(config, layer_idx) if name in self.operators else None)
         self.router = build_router(config, layer_idx) if len(self.operators) > 1 else None
 
-    def needs_entropy(self, output_routing):
-        return output_routing or isinstance(self.router, (ThresholdRouter, GateRouter))
+    def reads_entropy(self):
+        return self.router is not None and needs_entropy(self.router)
 
     def forward(self, x, ctx):
         batch, length, d = x.shape
         entropy = None
         flops = 0.0
-        if self.needs_entropy(ctx.output_routing):
+        if self.reads_entropy() or ctx.output_routing:
             with torch.no_grad():  # routing reads the value only
                 entropy = spectral_entropy_from_coefficients(x.float() @ ctx.dct.T)
-            if self.needs_entropy(False):  # counted when routing needs it, not when only reported
-                flops += linear_flops(batch * length, d, d)
+            if self.reads_entropy():  # counted when routing needs it, not when only reported
+                flops += entropy_flops(batch * length, d)
 
-        decision = None
-        if self.router is None:
+        routed = None
+        selections = [EVERY_TOKEN] * len(self.operators)
+        if self.router is not None:
+            cache = ctx.cache
+            state = ctx.router_states.get(self.layer_idx) if ctx.router_states else None
+            carried = cache.budget_state[self.layer_idx] if cache is not None else None
+            routed = route(self.router, self.operators, self.config, x, entropy, ctx, state, carried)
+            selections = routed.selections
+            if cache is not None:
+                cache.budget_state[self.layer_idx] = routed.budget_state
+            if isinstance(self.router, GateRouter):
+                flops += gate_flops(batch * length, d, len(self.operators))
+
+        output, attentions, attention_flops = None, None, 0.0
+        for name, selection in zip(self.operators, selections):
+            result = getattr(self, name)(x, ctx, selection)
+            y = result.output if selection.weight is None else result.output * selection.weight.to(result.output.dtype)
+            output = y if output is None else output + y
+            flops += result.flops
+            if name == "attention":
+                attentions, attention_flops = result.attentions, result.flops
+
+        if routed is None:
             ids = torch.zeros(batch, length, dtype=torch.long, device=x.device)
+            requested, slots = None, None
         else:
-            if isinstance(self.router, ThresholdRouter) and ctx.thresholds:
-                decision = self.router(x, entropy, ctx.positions, ctx.token_mask, ctx.thresholds[self.layer_idx])
-            else:
-                decision = self.router(x, entropy, ctx.positions, ctx.token_mask)
-            ids = decision.operator_ids
-            if isinstance(self.router, GateRouter):  # its gate: one logit per operator from the hidden vector
-                flops += linear_flops(batch * length, d, len(self.operators))
-            if ctx.token_mask is not None:  # padding takes the cheapest operator
-                ids = ids.masked_fill(~ctx.token_mask, 0)
-        soft = isinstance(self.router, GateRouter) and not self.router.hard
-
-        output = x.new_zeros(x.shape)  # contiguous even when x is not: routed rows are written into its rows
-        attentions = None
-        attention_queries, attention_flops = 0, 0.0
-        for k, name in enumerate(self.operators):
-            every_token = self.router is None or soft
-            selected = None if every_token else ids == k
-            # Routed tokens are written straight into `output` (each token has one operator);
-            # an operator that sees every token returns its full output, which is added. An operator
-            # nobody was routed to costs nothing, not even its keys (unless a cache needs them).
-            if name == "dct":
-                op_out, op_flops = self._run_dct(x, ctx.dct, selected, output)
-            else:
-                op_out, op_flops, op_attn, queries = self._run_mixing(name, x, ctx, selected, output, takes_padding=k == 0)
-                if name == "attention":
-                    attentions, attention_flops, attention_queries = op_attn, op_flops, queries
-            if selected is not None:
-                output = op_out
-            else:
-                if soft:
-                    op_out = op_out * decision.weights[..., k : k + 1].to(op_out.dtype)
-                output = output + op_out
-            flops += op_flops
-        if decision is not None and decision.weights is not None and not soft:
-            # Learned router: the chosen operator's output times p / p.detach(), 1 in value, for the gradient.
-            output = output * decision.weights.sum(dim=-1, keepdim=True).to(output.dtype)
-
+            ids, requested = routed.operator_ids, routed.requested_ids
+            slots = {
+                self.operators[k]: selection.slots.index.numel()
+                for k, selection in enumerate(selections)
+                if selection.slots is not None
+            }
+        thresholds = None
+        if ctx.output_routing and isinstance(self.router, ThresholdRouter):
+            thresholds = self.router.thresholds.detach().clone()
         record = LayerRouting(
             operators=self.operators,
             operator_ids=ids,
             entropy=entropy,
             token_mask=ctx.token_mask,
-            thresholds=self.router.thresholds.detach().clone() if isinstance(self.router, ThresholdRouter) else None,
-            attention_queries=attention_queries,
+            thresholds=thresholds,
+            requested_ids=requested,
+            slots=slots,
+            dense=routed is None or is_dense(self.router),
             attention_flops=attention_flops,
             operator_flops=flops,
         )
-        aux_loss = decision.aux_loss if decision is not None else None
+        aux_loss = routed.aux_loss if routed is not None else None
         return output, attentions, record, aux_loss
-
-    def _run_dct(self, x, dct, selected, output):
-        """DCT mixing of every token (returned), or of the selected ones (written into `output`)."""
-        d = x.shape[-1]
-        if selected is None:
-            return self.dct(x, dct)
-        # Row indices, not a boolean mask: the backward of x[mask] is an accumulating index_put,
-        # much slower on CPU than index_select's backward (index_add) for the same rows.
-        rows = selected.reshape(-1).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return output, 0.0
-        mixed, flops = self.dct(x.reshape(-1, d).index_select(0, rows), dct)
-        # Under autocast `mixed` is in the autocast dtype: cast to output's.
-        output.view(-1, d).index_copy_(0, rows, mixed.to(output.dtype))
-        return output, flops
-
-    def _run_mixing(self, name, x, ctx, selected, output, takes_padding):
-        """Attention or RBF for every token (returned), or the selected ones (added into `output`).
-
-        Also returns how many real tokens were queries, counted from the gather's own host sync:
-        padding is routed to operator 0 (`takes_padding`), so any other operator selected real tokens only.
-        """
-        operator = self.attention if name == "attention" else self.rbf
-        d = x.shape[-1]
-        index = valid = None
-        if selected is None:
-            queries = ctx.real_tokens()
-        else:
-            index, valid, counts = gather_selected(selected)
-            if max(counts, default=0) == 0 and ctx.cache is None:
-                return output, 0.0, None, 0
-            padded = ctx.token_mask is not None and takes_padding
-            queries = int((selected & ctx.token_mask).sum()) if padded else sum(counts)
-        if name == "attention":
-            out, attn, flops = operator(x, ctx.rope, index, ctx.key_mask, ctx.output_attentions, ctx.cache, valid)
-        else:
-            (out, flops), attn = operator(x, index, ctx.token_mask, ctx.cache), None
-        if index is None:
-            return out, flops, attn, queries
-        if min(counts) < index.shape[1]:  # filler slots (valid False) hold other tokens: they add zero
-            out = out * valid[..., None].to(out.dtype)
-        out = out.to(output.dtype)
-        return output.scatter_add_(1, index[..., None].expand(-1, -1, d), out), flops, attn, queries
 
 
 class ChiarMLP(nn.Module):
@@ -267,19 +231,23 @@ class ChiarDecoderLayer(GradientCheckpointingLayer):
         self.mlp = ChiarMLP(config)
         self.mixer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.hidden_dropout = config.hidden_dropout
         self.meta_router = MetaRouter(config) if config.use_meta_router and layer_idx == 0 else None
+
+    def dropout(self, x, ctx):
+        # By the pass, not the module: the eval-calibration pass runs a training model without dropout.
+        return nn.functional.dropout(x, self.hidden_dropout, training=ctx.training)
 
     def forward(self, hidden_states, ctx):
         layer_input = hidden_states
         if self.pre_norm:
             mixed, attentions, record, aux = self.mixer(self.mixer_norm(hidden_states), ctx)
-            hidden_states = hidden_states + self.dropout(mixed)
-            hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+            hidden_states = hidden_states + self.dropout(mixed, ctx)
+            hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)), ctx)
         else:
             mixed, attentions, record, aux = self.mixer(hidden_states, ctx)
-            hidden_states = self.mixer_norm(hidden_states + self.dropout(mixed))
-            hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+            hidden_states = self.mixer_norm(hidden_states + self.dropout(mixed, ctx))
+            hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states), ctx))
         if self.meta_router is not None:
             hidden_states = self.meta_router(layer_input, hidden_states, ctx.token_mask, ctx.cache)
         if aux is None:
@@ -354,36 +322,53 @@ class ChiarPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Parameters as transformers does; every buffer rebuilt from the config (works from the meta device)."""
+        """Parameters as transformers does; every CHIAR module rebuilds its own parameters and buffers
+        from the config (`reset_from_config`), which works from the meta device."""
         super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, DCTMixing):
-            init.ones_(module.gain)
-        elif isinstance(module, RotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(device=module.inv_freq.device))
-        elif isinstance(module, RBFMixing):
-            features = rbf_features(module.num_heads, module.head_dim, module.num_features, module.layer_idx)
-            init.copy_(module.projection, features.to(module.projection.device))
-        elif isinstance(module, ThresholdRouter):
-            init.copy_(module.thresholds, initial_thresholds(self.config).to(module.thresholds.device))
-            init.copy_(module.train_thresholds, initial_thresholds(self.config).to(module.thresholds.device))
-            init.zeros_(module.num_updates)
-        elif isinstance(module, GateRouter):
-            center, scale, slopes, biases = GateRouter.initial_gate(self.config)
-            init.normal_(module.weight, mean=0.0, std=std)
-            init.copy_(module.entropy_weight, slopes)
-            init.copy_(module.bias, biases)
-            init.copy_(module.center, center)
-            init.copy_(module.scale, scale)
-            targets = [self.config.router_target_fractions[op] for op in self.config.routed_operators]
-            init.copy_(module.targets, torch.tensor(targets))
-        elif isinstance(module, RandomRouter):
-            init.copy_(module.boundaries, RandomRouter(self.config, module.layer_idx).boundaries)
-        elif isinstance(module, MetaRouter):
-            init.zeros_(module.weight)
-            init.constant_(module.bias, 2.0)
-        elif isinstance(module, ChiarModel):
-            init.copy_(module.dct_basis, dct_matrix(self.config.hidden_size, device=module.dct_basis.device))
+        if hasattr(module, "reset_from_config"):
+            module.reset_from_config(self.config)
+
+
+class ValueChecks:
+    """Checks on tensor values, read back from the device in one sync, before the pass runs.
+
+    Each check is a 0-dim bool tensor (True: the input is bad) and a function that words the error
+    (called, and free to read more values, only when its check failed). Under `torch.compile` values
+    are not checked: a compiled graph never waits for the host (shapes and types are still checked).
+    """
+
+    def __init__(self):
+        self.checks = []
+
+    def add(self, failed, message):
+        self.checks.append((failed, message))
+
+    def raise_if_failed(self):
+        if not self.checks or torch.compiler.is_compiling():
+            return
+        flags = torch.stack([failed.reshape(()).to(self.checks[0][0].device) for failed, _ in self.checks]).tolist()
+        self.checks, checks = [], self.checks
+        for flag, (_, message) in zip(flags, checks):
+            if flag:
+                raise ValueError(message())
+
+
+@dataclass
+class PreparedInputs:
+    """The pass's inputs in the order the layers see them: real tokens first in every row."""
+
+    embeds: torch.Tensor  # (B, n, d)
+    token_mask: torch.Tensor | None  # (B, n) real tokens (compacted), None when no attention_mask was given
+    caller_mask: torch.Tensor | None  # (B, n) the same in the caller's order
+    key_mask: torch.Tensor | None  # (B, past + n) over every key in stored order, None when none is padding
+    positions: torch.Tensor  # (B, n)
+    order: torch.Tensor | None  # (B, n): caller index of each compacted token; None when not reordered
+    restore: torch.Tensor | None  # (B, n): inverse of `order`
+    start: object  # (B,) real tokens seen before this pass, or 0
+    real_counts: torch.Tensor  # (B,) real tokens of this pass
+
+
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
@@ -395,7 +380,6 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         super().__init__(config)
         config.validate_chiar()  # fields may have been changed since the config was built
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([ChiarDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
@@ -403,11 +387,19 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def reset_from_config(self, config):
+        from transformers import initialization
+
+        initialization.copy_(self.dct_basis, dct_matrix(config.hidden_size, device=self.dct_basis.device))
+
     def get_input_embeddings(self):
         return self.embed_tokens
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def routers(self):
+        return [layer.mixer.router for layer in self.layers]
 
     def forward(
         self,
@@ -422,11 +414,13 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         output_routing=None,
         return_dict=None,
         cache=None,
+        value_checks=None,
         **kwargs,
     ):
         """With a `ChiarCache` (passed as `cache` or `past_key_values`, or made by `use_cache=True`),
         `input_ids` are the new tokens only and `attention_mask` covers past and new tokens. A cache is
-        built only when asked for: training and evaluation passes do not pay for one."""
+        built only when asked for: training and evaluation passes do not pay for one. `value_checks`
+        (a `ValueChecks`) lets a head add its own checks to the one read of the inputs' values."""
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
@@ -444,61 +438,77 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             )
             use_cache = False
         if cache is None and use_cache:
-            cache = ChiarCache(config.num_hidden_layers)
-        if cache is not None and not config.is_causal:
-            raise ValueError("Incremental decoding (a cache) needs a causal model (is_causal=True).")
-        inputs_embeds, token_mask, key_mask, positions = self._check_inputs(
-            input_ids, inputs_embeds, attention_mask, position_ids, cache
-        )
+            cache = ChiarCache(config.num_hidden_layers, ChiarCache.model_signature(config))
+        if cache is not None:
+            if not config.is_causal:
+                raise ValueError("Incremental decoding (a cache) needs a causal model (is_causal=True).")
+            cache.check_model(config)
+        inputs = self._prepare_inputs(input_ids, inputs_embeds, attention_mask, position_ids, cache, value_checks)
+        batch, length = inputs.embeds.shape[:2]
 
-        hidden_states = self.dropout(inputs_embeds)
+        hidden_states = nn.functional.dropout(inputs.embeds, config.hidden_dropout, training=self.training)
+        calibrating = self.training and cache is None and any(calibrates(r) for r in self.routers())
         ctx = MixContext(
-            rope=self.rotary_emb(positions, hidden_states.dtype),
-            positions=positions,
-            token_mask=token_mask,
+            rope=self.rotary_emb(inputs.positions, hidden_states.dtype),
+            positions=inputs.positions,
+            token_mask=inputs.token_mask,
+            key_mask=inputs.key_mask,
             dct=self.dct_basis,
+            training=self.training,
             output_routing=bool(output_routing),
             output_attentions=bool(output_attentions),
             cache=cache,
-            key_mask=key_mask,
+            past_keys=cache.seen_tokens if cache is not None else 0,
+            start=inputs.start,
+            real_counts=inputs.real_counts,
+            # The thresholds as the pass starts: the update after it must not reach a
+            # gradient-checkpointing recomputation of it.
+            router_states={i: r.snapshot(True) for i, r in enumerate(self.routers()) if calibrates(r)} if calibrating else None,
         )
-        calibrating = self.training and cache is None and self._calibrating_routers()
-        if calibrating:
-            ctx.thresholds = {
-                i: layer.mixer.router.train_thresholds.clone()
-                for i, layer in enumerate(self.layers)
-                if isinstance(layer.mixer.router, ThresholdRouter)
-            }
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+        if output_attentions and (inputs.order is not None or (cache is not None and cache.key_order is not None)):
+            ctx.caller_order = (inputs.restore, self._stored_key_order(inputs, cache, batch, length))
+
+        def returned(hidden_states):
+            """A hidden state in the caller's order, and the pass continuing from it (so that gradients reach it)."""
+            if inputs.restore is None:
+                return hidden_states, hidden_states
+            caller = gather_rows(hidden_states, inputs.restore)
+            return caller, gather_rows(caller, inputs.order)
+
+        all_hidden, all_attentions = None, () if output_attentions else None
+        if output_hidden_states:
+            first, hidden_states = returned(hidden_states)
+            all_hidden = (first,)
         records, aux_losses = [], []
-        batch, length = hidden_states.shape[:2]
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden_states, aux, attentions, record = layer(hidden_states, ctx)
             records.append(record)
             if isinstance(layer.mixer.router, GateRouter) and layer.mixer.router.hard:
                 aux_losses.append(aux)
             if output_attentions:
                 if attentions is None:  # no token of this layer ran attention
-                    total = length if key_mask is None else key_mask.shape[1]
-                    total = total if cache is None else cache.seen_tokens + length
-                    attentions = hidden_states.new_zeros(batch, config.num_attention_heads, length, total)
+                    attentions = hidden_states.new_zeros(batch, config.num_attention_heads, length, ctx.past_keys + length)
                 all_attentions += (attentions,)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
+            if output_hidden_states and (i < len(self.layers) - 1 or self.norm is None):
+                caller, hidden_states = returned(hidden_states)
+                all_hidden += (caller,)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-            if output_hidden_states:
-                all_hidden = all_hidden[:-1] + (hidden_states,)
+        last = gather_rows(hidden_states, inputs.restore) if inputs.restore is not None else hidden_states
+        if output_hidden_states and self.norm is not None:
+            all_hidden += (last,)
+        elif output_hidden_states:
+            all_hidden = all_hidden[:-1] + (last,)
         if cache is not None:
-            cache.advance(token_mask, length, batch, hidden_states.device)
-
+            cache.advance(inputs.token_mask, inputs.order, length, batch, hidden_states.device)
         if calibrating:
-            self._calibrate_routers(records, inputs_embeds, token_mask, positions)
+            self._observe(records, inputs, ctx)
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
 
+        if output_routing:
+            records = [self._record_in_caller_order(record, inputs) for record in records]
         output = ChiarModelOutput(
-            last_hidden_state=hidden_states,
+            last_hidden_state=last,
             hidden_states=all_hidden,
             attentions=all_attentions,
             routing=tuple(records) if output_routing else None,
@@ -507,75 +517,68 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         )
         return output if return_dict else output.to_tuple()
 
-    def _calibrating_routers(self):
-        routers = [layer.mixer.router for layer in self.layers]
-        return any(isinstance(r, ThresholdRouter) and r.calibrate for r in routers)
-
-    @torch.no_grad()
-    def _calibrate_routers(self, records, inputs_embeds, token_mask, positions):
-        """Update the threshold routers after the pass, so routing only ever uses batches already seen.
+    def _observe(self, records, inputs, ctx):
+        """Share control after the pass (`routing.observe`), so routing only ever uses batches already seen.
 
         With dropout active, eval-mode thresholds come from a dropout-free, no-grad pass over a slice
         of the batch (1/8 of its sequences, at least one): what eval will see, at a small cost.
         """
-        eval_records, eval_mask = records, token_mask
-        if any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout)) or self.config.attention_dropout > 0:
-            rows = max(1, inputs_embeds.shape[0] // 8)
-            eval_mask = None if token_mask is None else token_mask[:rows]
-            ctx = MixContext(
-                rope=self.rotary_emb(positions[:rows], inputs_embeds.dtype),
-                positions=positions[:rows],
-                token_mask=eval_mask,
-                dct=self.dct_basis,
-                output_routing=False,
-                output_attentions=False,
-                key_mask=eval_mask,
-            )
-            modes = {module: module.training for module in self.modules()}
-            self.train(False)
-            try:
-                hidden_states, eval_records = inputs_embeds[:rows].detach(), []
-                for layer in self.layers:
-                    hidden_states, _, _, record = layer(hidden_states, ctx)
-                    eval_records.append(record)
-            finally:
-                for module, mode in modes.items():
-                    module.training = mode
-        eval_positions = positions[: eval_records[0].operator_ids.shape[0]]
-        for layer, record, eval_record in zip(self.layers, records, eval_records):
-            router = layer.mixer.router
-            if isinstance(router, ThresholdRouter):
-                train_score = router.score(record.entropy, positions)
-                if eval_record is record:  # no dropout: eval would see these very scores
-                    router.update(train_score, token_mask)
-                else:
-                    router.update(train_score, token_mask, router.score(eval_record.entropy, eval_positions), eval_mask)
-
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache=None):
-        """Validate the inputs with clear errors.
-
-        Returns the embeddings (B, n, d), the real-token mask of the new tokens (B, n), the mask of every
-        key (B, past + n) (both None when nothing is padded) and the positions of the new tokens (B, n).
-        """
         config = self.config
+        if config.hidden_dropout == 0 and config.attention_dropout == 0:
+            observe(self.routers(), records, inputs.positions, inputs.token_mask)
+            return
+        rows = max(1, inputs.embeds.shape[0] // 8)
+        eval_mask = None if inputs.token_mask is None else inputs.token_mask[:rows]
+        eval_ctx = MixContext(
+            rope=tuple(t[:rows] for t in ctx.rope),
+            positions=inputs.positions[:rows],
+            token_mask=eval_mask,
+            key_mask=None if inputs.key_mask is None else inputs.key_mask[:rows],
+            dct=self.dct_basis,
+            training=False,
+        )
+        with torch.no_grad():
+            hidden_states, eval_records = inputs.embeds[:rows].detach(), []
+            for layer in self.layers:
+                hidden_states, _, _, record = layer(hidden_states, eval_ctx)
+                eval_records.append(record)
+        observe(self.routers(), records, inputs.positions, inputs.token_mask, eval_records, inputs.positions[:rows], eval_mask)
+
+    def _prepare_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, value_checks):
+        """Validate the inputs with clear errors (shapes and types here; values in one read, `ValueChecks`),
+        embed them, and put each row's real tokens first, in order (`PreparedInputs`)."""
+        config = self.config
+        checks = value_checks if value_checks is not None else ValueChecks()
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if input_ids is not None:
+            if not torch.is_tensor(input_ids):
+                raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}.")
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
-                bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)]
-                raise ValueError(
-                    f"input_ids contain token ids outside the vocabulary [0, {config.vocab_size}): "
-                    f"{bad.unique()[:8].tolist()}. Check that the tokenizer matches the model."
-                )
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, sequence, {config.hidden_size}), got {tuple(inputs_embeds.shape)}."
+            if input_ids.dtype not in INTEGER_DTYPES:
+                raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+            bad_ids = (input_ids < 0) | (input_ids >= config.vocab_size)
+            checks.add(
+                bad_ids.any(),
+                lambda: f"input_ids contain token ids outside the vocabulary [0, {config.vocab_size}): "
+                f"{input_ids[bad_ids].unique()[:8].tolist()}. Check that the tokenizer matches the model.",
             )
-        batch, length = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
+            batch, length = input_ids.shape
+            device = input_ids.device
+        else:
+            if not torch.is_tensor(inputs_embeds):
+                raise TypeError(f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}.")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, sequence, {config.hidden_size}), got {tuple(inputs_embeds.shape)}."
+                )
+            if not inputs_embeds.is_floating_point():
+                raise TypeError(f"inputs_embeds must be floating point, got dtype {inputs_embeds.dtype}.")
+            batch, length = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
+        if length == 0:
+            raise ValueError("The input has no tokens (sequence length 0); pass at least one token per sequence.")
         past = cache.seen_tokens if cache is not None else 0
         if past and cache.real_tokens is not None and cache.real_tokens.shape[0] != batch:
             raise ValueError(f"The cache holds {cache.real_tokens.shape[0]} sequences but the input has {batch}.")
@@ -584,39 +587,96 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 f"Sequence length {past + length} exceeds max_position_embeddings={config.max_position_embeddings}, "
                 "the longest this model supports. Truncate the input or raise max_position_embeddings in the config."
             )
-        key_mask = None
+        new_mask = None
         if attention_mask is not None:
+            if not torch.is_tensor(attention_mask):
+                raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}.")
             if tuple(attention_mask.shape) != (batch, past + length):
                 expected = f"{(batch, past + length)} (past {past} + new {length} tokens)" if past else str((batch, length))
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)} but must be {expected}: one 1/0 "
                     "entry per token."
                 )
-            if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-                raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token).")
-            key_mask = attention_mask.to(device=device, dtype=torch.bool)
-        elif cache is not None and cache.token_mask is not None:
-            key_mask = torch.cat([cache.token_mask, torch.ones(batch, length, dtype=torch.bool, device=device)], 1)
-        if key_mask is not None and bool(key_mask.all()):
-            key_mask = None
-        token_mask = None if key_mask is None else key_mask[:, past:]
-        if token_mask is not None and bool(token_mask.all()):
-            token_mask = None
-
-        if position_ids is None:
-            # Positions count real tokens only, so left padding shifts nothing.
-            start = cache.real_tokens[:, None] if cache is not None and cache.real_tokens is not None else 0
-            if token_mask is None:
-                position_ids = torch.arange(length, device=device).expand(batch, length) + start
-            else:
-                position_ids = (token_mask.long().cumsum(dim=1) - 1).clamp_min(0) + start
-        else:
-            position_ids = position_ids.to(device).expand(batch, length)
-            if int(position_ids.max()) >= config.max_position_embeddings or int(position_ids.min()) < 0:
-                raise ValueError(
-                    f"position_ids must lie in [0, max_position_embeddings={config.max_position_embeddings})."
+            if attention_mask.dtype != torch.bool:
+                checks.add(
+                    ((attention_mask != 0) & (attention_mask != 1)).any(),
+                    lambda: "attention_mask must contain only 0 (padding) and 1 (real token).",
                 )
-        return inputs_embeds, token_mask, key_mask, position_ids
+            if past and cache.real_tokens is not None:
+                seen = attention_mask[:, :past].to(device).bool().sum(dim=1)
+                checks.add(
+                    (seen != cache.real_tokens).any(),
+                    lambda: f"attention_mask marks {seen.tolist()} real past tokens per row, but the cache has seen "
+                    f"{cache.real_tokens.tolist()}: pass the mask of the tokens this cache was filled with.",
+                )
+            new_mask = attention_mask[:, past:].to(device=device, dtype=torch.bool)
+        if position_ids is not None:
+            if not torch.is_tensor(position_ids) or position_ids.is_floating_point() or position_ids.dtype == torch.bool:
+                raise TypeError("position_ids must be a tensor of integer positions.")
+            if position_ids.shape[-1] != length or position_ids.dim() > 2 or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+                raise ValueError(f"position_ids must have shape (batch, {length}) or ({length},), got {tuple(position_ids.shape)}.")
+            position_ids = position_ids.to(device).expand(batch, length)
+            checks.add(
+                ((position_ids < 0) | (position_ids >= config.max_position_embeddings)).any(),
+                lambda: f"position_ids must lie in [0, max_position_embeddings={config.max_position_embeddings}).",
+            )
+        if inputs_embeds is not None:  # what padding holds never reaches a real token (tests/test_model_invariants.py)
+            bad_values = ~torch.isfinite(inputs_embeds).all(dim=-1)
+            if new_mask is not None:
+                bad_values = bad_values & new_mask
+            checks.add(bad_values.any(), lambda: "inputs_embeds contain NaN or infinite values at real (unmasked) tokens.")
+        checks.raise_if_failed()  # one read of every value check, the head's included
+
+        if input_ids is not None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        else:
+            inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)
+        start = cache.real_tokens if cache is not None and cache.real_tokens is not None else 0
+        order = restore = token_mask = None
+        if new_mask is not None:
+            token_mask = new_mask
+            if length > 1:  # real tokens first, in order: padding is never between or before them
+                order = (~new_mask).to(torch.uint8).argsort(dim=1, stable=True)
+                restore = order.argsort(dim=1)
+                inputs_embeds = gather_rows(inputs_embeds, order)
+                token_mask = gather_rows(new_mask, order)
+                if position_ids is not None:
+                    position_ids = gather_rows(position_ids, order)
+        past_mask = cache.token_mask if cache is not None else None
+        key_mask = None
+        if past_mask is not None or token_mask is not None:
+            if past_mask is None:
+                past_mask = torch.ones(batch, past, dtype=torch.bool, device=device)
+            new = token_mask if token_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+            key_mask = torch.cat([past_mask, new], dim=1)
+        if position_ids is None:  # positions count real tokens only
+            steps = torch.arange(length, device=device).expand(batch, length)
+            position_ids = steps + start[:, None] if torch.is_tensor(start) else steps
+        real_counts = token_mask.sum(dim=1) if token_mask is not None else torch.full((batch,), length, device=device)
+        return PreparedInputs(
+            inputs_embeds, token_mask, new_mask, key_mask, position_ids, order, restore, start, real_counts
+        )
+
+    @staticmethod
+    def _stored_key_order(inputs, cache, batch, length):
+        """(B, past + n): the caller's index of every key in stored order (see ChiarCache.key_order)."""
+        device = inputs.embeds.device
+        past = cache.seen_tokens if cache is not None else 0
+        if cache is not None and cache.key_order is not None:
+            before = cache.key_order
+        else:
+            before = torch.arange(past, device=device).expand(batch, past)
+        new = inputs.order if inputs.order is not None else torch.arange(length, device=device).expand(batch, length)
+        return torch.cat([before, new + past], dim=1)
+
+    @staticmethod
+    def _record_in_caller_order(record, inputs):
+        if inputs.restore is not None:
+            back = lambda t: None if t is None else gather_rows(t, inputs.restore)  # noqa: E731
+            record = dataclasses.replace(
+                record, operator_ids=back(record.operator_ids), requested_ids=back(record.requested_ids), entropy=back(record.entropy)
+            )
+        return dataclasses.replace(record, token_mask=inputs.caller_mask)
 
 
 class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
@@ -654,6 +714,12 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        checks = ValueChecks()
+        if labels is not None:
+            if not torch.is_tensor(labels) or labels.dtype not in INTEGER_DTYPES:
+                raise TypeError("labels must be a tensor of integer token ids (or -100 for positions to ignore).")
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
+            checks.add(bad.any(), lambda: f"labels must be -100 (ignored) or token ids in [0, {self.config.vocab_size}).")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -665,6 +731,7 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_routing=output_routing,
             return_dict=True,
+            value_checks=checks,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -675,10 +742,7 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            labels = labels.to(logits.device)
-            bad = (labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))
-            if bool(bad.any()):
-                raise ValueError(f"labels must be -100 (ignored) or token ids in [0, {self.config.vocab_size}).")
+            labels = labels.to(device=logits.device, dtype=torch.long)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if outputs.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
@@ -704,7 +768,7 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
         Should a transformers version not call this, prepare_inputs_for_generation still makes it."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.use_cache is not False and model_kwargs.get(CACHE_NAME) is None:
-            model_kwargs[CACHE_NAME] = ChiarCache(self.config.num_hidden_layers)
+            model_kwargs[CACHE_NAME] = ChiarCache(self.config.num_hidden_layers, ChiarCache.model_signature(self.config))
 
     def prepare_inputs_for_generation(
         self,
@@ -728,7 +792,7 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
         if state is not None and not isinstance(state, ChiarCache):
             state = None if state.get_seq_length() == 0 else state  # forward() rejects a non-empty foreign cache
         if state is None and use_cache:
-            state = ChiarCache(self.config.num_hidden_layers)
+            state = ChiarCache(self.config.num_hidden_layers, ChiarCache.model_signature(self.config))
         seen = state.get_seq_length() if state is not None else 0
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_NAME: state}
         if inputs_embeds is not None and (is_first_iteration or seen == 0):
@@ -797,6 +861,17 @@ class ChiarForSequenceClassification(ChiarPreTrainedModel):
         given = [name for name in ("cache", "past_key_values") if kwargs.get(name) is not None]
         if given:
             raise ValueError(f"ChiarForSequenceClassification takes no decoding cache, got {given[0]}.")
+        checks = ValueChecks()
+        if labels is not None:
+            if not torch.is_tensor(labels):
+                raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
+            if self.classifies(labels):
+                flat = labels.view(-1)
+                bad = (flat != -100) & ((flat < 0) | (flat >= self.num_labels))
+                checks.add(
+                    bad.any(),
+                    lambda: f"labels must be class ids in [0, num_labels={self.num_labels}), got {flat[bad][:8].tolist()}.",
+                )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -806,6 +881,7 @@ class ChiarForSequenceClassification(ChiarPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_routing=output_routing,
             return_dict=True,
+            value_checks=checks,
         )
         logits = self.score(self.dropout(self.pool(outputs.last_hidden_state, attention_mask)))
 
@@ -824,26 +900,33 @@ class ChiarForSequenceClassification(ChiarPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+    def problem_type(self, labels):
+        """transformers' `problem_type` convention: regression, single- or multi-label classification,
+        inferred from the labels when the config leaves it unset and then written to the config, in
+        eager mode only (a config changed inside a compiled forward would make it recompile)."""
+        if self.config.problem_type is not None:
+            return self.config.problem_type
+        if self.num_labels == 1:
+            inferred = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            inferred = "single_label_classification"
+        else:
+            inferred = "multi_label_classification"
+        if not torch.compiler.is_compiling():
+            self.config.problem_type = inferred
+        return inferred
+
+    def classifies(self, labels):
+        return self.problem_type(labels) == "single_label_classification"
+
     def classification_loss(self, logits, labels):
-        """transformers' `problem_type` convention: regression, single- or multi-label classification."""
-        config = self.config
-        if config.problem_type is None:
-            if self.num_labels == 1:
-                config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                config.problem_type = "single_label_classification"
-            else:
-                config.problem_type = "multi_label_classification"
-        if config.problem_type == "regression":
+        problem_type = self.problem_type(labels)
+        if problem_type == "regression":
             if self.num_labels == 1:
                 return nn.functional.mse_loss(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
             return nn.functional.mse_loss(logits, labels.to(logits.dtype))
-        if config.problem_type == "single_label_classification":
-            labels = labels.view(-1)
-            bad = (labels != -100) & ((labels < 0) | (labels >= self.num_labels))
-            if bool(bad.any()):
-                raise ValueError(f"labels must be class ids in [0, num_labels={self.num_labels}), got {labels[bad][:8].tolist()}.")
-            return nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels)
+        if problem_type == "single_label_classification":
+            return nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).long())
         return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 

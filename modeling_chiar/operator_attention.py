@@ -1,9 +1,10 @@
-"""Multi-head softmax attention with RoPE, where only the tokens routed to attention are queries.
+"""Multi-head softmax attention with RoPE, where only the tokens granted attention are queries.
 
 Keys and values are projected for every token (any later attention query may look at them); queries
-and the output projection only for the routed tokens. Queries are processed in position order, in
-blocks that each see only the keys visible to the block's last query, so a 25% query share does not
-pay for the masked-out upper triangle that a causal kernel would skip anyway.
+and the output projection only for the operator's query slots (`routing.QuerySlots`), whose number
+is fixed by the budget. Slots are in position order and run in kernel calls that each see only the
+keys up to their last block, so a 25% query share does not pay for the masked-out upper triangle
+that a causal kernel would skip anyway.
 """
 
 import math
@@ -14,8 +15,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .flops import attention_kernel_flops, linear_flops
+from .flops import attention_flops, attention_map_flops, dense_calls, uses_fused_causal_kernel
 from .fp32_buffers import KeepsFP32Buffers
+from .operators import OperatorOutput, gather_rows, masked, scatter_slots
 
 
 class RotaryEmbedding(KeepsFP32Buffers):
@@ -28,6 +30,11 @@ class RotaryEmbedding(KeepsFP32Buffers):
         self.head_dim = head_dim
         self.theta = theta
         self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+
+    def reset_from_config(self, config):
+        from transformers import initialization
+
+        initialization.copy_(self.inv_freq, self.compute_inv_freq(device=self.inv_freq.device))
 
     def compute_inv_freq(self, device=None):
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
@@ -116,29 +123,8 @@ class PrefixViews(torch.autograd.Function):
         return None, *sums
 
 
-def query_blocks(num_queries, block=256):
-    """Split `num_queries` position-sorted queries into contiguous blocks of equal size, at most `block`
-    each: [(start, end), ...].
-
-    A block computes the keys up to its last query, so more blocks skip more masked-out keys, but each
-    block is one more masked kernel call with its own mask, and small calls run inefficiently. On CPU,
-    forward+backward of the masked kernel over 25% of the queries took 0.40-0.41 of the causal
-    kernel's time at 4,096 tokens in blocks of 256 and 0.51 in blocks of 64, although those compute
-    fewer scores; at 256 tokens one block took 0.50, blocks of at most 32 (the size used before) 0.65;
-    at 1,024, 0.47 and 0.48 in blocks of 64 (`benchmarks/breakdown.py`, docs/benchmarks.md). Splitting
-    the work otherwise over torch's CPU flash kernel saved at most 9% of the kernel's time
-    (`benchmarks/split_kernel.py`). Fewer calls also suit a launch-bound GPU.
-    """
-    if block < 1:
-        raise ValueError(f"query blocks hold at least one query, got a block size of {block}")
-    if num_queries == 0:
-        return []
-    size = math.ceil(num_queries / math.ceil(num_queries / block))
-    return [(start, min(start + size, num_queries)) for start in range(0, num_queries, size)]
-
-
 class RoutedAttention(nn.Module):
-    """Attention operator of one layer; `forward` attends only the selected query tokens."""
+    """Attention operator of one layer: every token's keys and values, queries for the selected slots."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -159,118 +145,107 @@ class RoutedAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, rope, query_index=None, key_mask=None, output_attentions=False, cache=None, query_valid=None):
-        """Attend the tokens `query_index` (B, M) of x, sorted by position, or every token when None.
-
-        x: (B, n, d) operator input of the new tokens; rope: (cos, sin), each (B, n, hd);
-        key_mask: (B, past + n) bool, True for real tokens, or None when nothing is padded;
-        cache: a `ChiarCache` holding the keys and values of earlier tokens (updated in place);
-        query_valid: (B, M) bool, False for filler slots of a gathered batch (their rows stay empty).
-        Returns (output (B, M, d), attention weights (B, h, n, past + n) or None, executed FLOPs).
-        """
+    def forward(self, x, ctx, selection):
+        """The operator contract (operators.py). With a cache, earlier tokens' keys and values are read
+        from it and this pass's are appended; `output_attentions` returns the (B, h, n, past + n) map."""
         batch, length, d = x.shape
-        cos, sin = rope
+        cos, sin = ctx.rope
         keys = apply_rotary(self._heads(self.k_proj(x)), cos, sin)
         values = self._heads(self.v_proj(x))
-        flops = 2 * linear_flops(batch * length, d, d)
-        if cache is not None:
-            keys, values = cache.update_attention(self.layer_idx, keys, values)
+        if ctx.token_mask is not None:  # a masked key has weight 0, and 0 x NaN is NaN: padding holds no value
+            values = torch.where(ctx.token_mask[:, None, :, None], values, 0)
+        if ctx.cache is not None:
+            keys, values = ctx.cache.update_attention(self.layer_idx, keys, values)
         total = keys.shape[2]
-        offset = total - length
-
+        past = total - length
         implementation = self.config._attn_implementation or "eager"
-        if implementation == "eager":
-            attention_fn = eager_attention_forward
-        else:
-            attention_fn = ALL_ATTENTION_FUNCTIONS[implementation]
-        dropout = self.config.attention_dropout if self.training else 0.0
+        attention_fn = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        dropout = self.config.attention_dropout if ctx.training else 0.0
+        slots = selection.slots
 
-        fused = self.is_causal and key_mask is None and offset == 0 and implementation == "sdpa"
-        if query_index is None and fused and not output_attentions:
-            # Every token is a query and nothing is padded: the fused causal kernel is the cheapest path.
+        fused = slots is None and uses_fused_causal_kernel(implementation, self.is_causal, past, ctx.output_attentions)
+        if fused:  # every token a query, causal, nothing before: the fused kernel is the cheapest path
             queries = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
-            output, _ = attention_fn(
-                self, queries, keys, values, None, dropout=dropout, scaling=self.scaling, is_causal=True
-            )
-            flops += 2 * linear_flops(batch * length, d, d) + attention_kernel_flops(batch, length, length, d, causal=True)
-            return self.o_proj(output.reshape(batch, length, d)), None, flops
+            output, _ = attention_fn(self, queries, keys, values, None, dropout=dropout, scaling=self.scaling, is_causal=True)
+            output = self.o_proj(output.reshape(batch, length, d))
+            return OperatorOutput(masked(output, selection), attention_flops(batch, length, length, (), d, fused=True))
 
-        if query_index is None:
+        if slots is None:
             query_index = torch.arange(length, device=x.device).expand(batch, length)
-        num_queries = query_index.shape[1]
-        if num_queries == 0:  # only the cache needed this token's keys and values
-            return x.new_zeros(batch, 0, d), None, flops
-        gather = query_index[..., None].expand(-1, -1, cos.shape[-1])
-        q_cos, q_sin = cos.gather(1, gather), sin.gather(1, gather)
-        q_in = x.gather(1, query_index[..., None].expand(-1, -1, d))
-        queries = apply_rotary(self._heads(self.q_proj(q_in)), q_cos, q_sin)
-        flops += 2 * linear_flops(batch * num_queries, d, d)
-        if output_attentions:
-            output, attentions, kernel_flops = self._attend_returning_weights(
-                queries, keys, values, query_index + offset, query_valid, key_mask, length, dropout
-            )
-            output = self.o_proj(output.transpose(1, 2).reshape(batch, num_queries, d))
-            return output, attentions, flops + kernel_flops
-
-        key_positions = torch.arange(total, device=x.device)
-        blocks = query_blocks(num_queries)
-        # Causal: no query of a block sees past the block's last position, so later keys are never
-        # computed. The blocks' key counts are read in one device sync, not one per block.
-        if self.is_causal:
-            last = query_index.cummax(dim=1).values[:, [end - 1 for _, end in blocks]].amax(dim=0)
-            key_counts = (last + offset + 1).tolist()
+            calls = dense_calls(length, past, self.is_causal)
+            q_in, q_cos, q_sin = x, cos, sin
         else:
-            key_counts = [total] * len(blocks)
-        outputs = []
-        block_queries = queries.split([end - start for start, end in blocks], dim=2)
-        block_keys_values = PrefixViews.apply(key_counts, keys, values)
-        with masked_sdpa_kernels(implementation, x.device):
-            for i, ((start, end), num_keys) in enumerate(zip(blocks, key_counts)):
-                block_index = query_index[:, start:end] + offset
-                allowed = self._mask(block_index, key_positions[:num_keys], key_mask)
-                output, _ = attention_fn(
-                    self,
-                    block_queries[i],
-                    block_keys_values[2 * i],
-                    block_keys_values[2 * i + 1],
-                    allowed,
-                    dropout=dropout,
-                    scaling=self.scaling,
-                    is_causal=False,
-                )
-                flops += attention_kernel_flops(batch, end - start, num_keys, d, causal=False)
-                outputs.append(output)
-        output = self.o_proj(torch.cat(outputs, dim=1).reshape(batch, num_queries, d))
-        return output, None, flops
+            query_index, calls = slots.index, slots.calls
+            q_in, q_cos, q_sin = gather_rows(x, query_index), gather_rows(cos, query_index), gather_rows(sin, query_index)
+        num_queries = query_index.shape[1]
+        queries = apply_rotary(self._heads(self.q_proj(q_in)), q_cos, q_sin)
+        attentions = None
+        if ctx.output_attentions:
+            valid = None if slots is None else slots.valid
+            output, attentions = self._attend_returning_weights(
+                queries, keys, values, query_index, valid, ctx.key_mask, past, dropout, ctx.caller_order
+            )
+            flops = attention_flops(batch, length, num_queries, (), d, fused=False)
+            flops += attention_map_flops(batch, num_queries, length, total, d)
+        else:
+            outputs = []
+            block_queries = queries.split([end - first for first, end, _ in calls], dim=2)
+            block_keys_values = PrefixViews.apply(tuple(keys_seen for _, _, keys_seen in calls), keys, values)
+            with masked_sdpa_kernels(implementation, x.device):
+                for i, (first, end, keys_seen) in enumerate(calls):
+                    allowed = self._mask(query_index[:, first:end] + past, keys_seen, ctx.key_mask)
+                    output, _ = attention_fn(
+                        self,
+                        block_queries[i],
+                        block_keys_values[2 * i],
+                        block_keys_values[2 * i + 1],
+                        allowed,
+                        dropout=dropout,
+                        scaling=self.scaling,
+                        is_causal=False,
+                    )
+                    outputs.append(output)
+            output = torch.cat(outputs, dim=1) if outputs else queries.new_zeros(batch, 0, self.num_heads, self.head_dim)
+            flops = attention_flops(batch, length, num_queries, calls, d, fused=False)
+        output = self.o_proj(output.reshape(batch, num_queries, d))
+        output = masked(output, selection) if slots is None else scatter_slots(output, slots, length)
+        return OperatorOutput(output, flops, attentions)
 
-    def _attend_returning_weights(self, queries, keys, values, global_index, query_valid, key_mask, length, dropout):
+    def _attend_returning_weights(self, queries, keys, values, query_index, valid, key_mask, past, dropout, caller_order=None):
         """Analysis path (output_attentions): one eager pass over every key that returns the (B, h, n, keys)
-        map the output is computed from, so gradients reach it. Rows of tokens that did not run
-        attention are zero."""
+        map the output is computed from, so gradients reach it, in the caller's order of rows and keys
+        (`caller_order`, see MixContext). Rows of tokens that did not run attention are zero.
+        Returns (output (B, M, h, hd), map)."""
         batch, heads, _, head_dim = queries.shape
         total = keys.shape[2]
-        allowed = self._mask(global_index, torch.arange(total, device=keys.device), key_mask)
+        length = total - past
+        allowed = self._mask(query_index + past, total, key_mask)
         _, weights = eager_attention_forward(self, queries, keys, values, allowed, self.scaling, dropout)
-        if query_valid is not None:
-            weights = weights * query_valid[:, None, :, None].to(weights.dtype)
-        local = global_index - (total - length)
-        rows = local[:, None, :, None].expand(-1, heads, -1, total)
-        attentions = weights.new_zeros(batch, heads, length, total).scatter(2, rows, weights)
-        output = torch.matmul(attentions, values)  # (B, h, n, hd): zero rows where nobody attended
-        output = output.gather(2, local[:, None, :, None].expand(-1, heads, -1, head_dim))
-        d = heads * head_dim
-        flops = attention_kernel_flops(batch, global_index.shape[1], total, d, False) / 2
-        flops += attention_kernel_flops(batch, length, total, d, False) / 2
-        return output, attentions, flops
+        if valid is not None:
+            weights = torch.where(valid[:, None, :, None], weights, 0)
+        rows = query_index[:, None, :, None].expand(-1, heads, -1, total)
+        attentions = weights.new_zeros(batch, heads, length, total).scatter_add(2, rows, weights)
+        stored = attentions
+        if caller_order is not None:  # the returned map in the caller's order; the output computed from it
+            restore, key_order = caller_order
+            if restore is not None:
+                attentions = attentions.gather(2, restore[:, None, :, None].expand(-1, heads, -1, total))
+            attentions = attentions.gather(3, key_order.argsort(dim=1)[:, None, None, :].expand(-1, heads, length, -1))
+            stored = attentions.gather(3, key_order[:, None, None, :].expand(-1, heads, length, -1))
+            if restore is not None:
+                stored = stored.gather(2, restore.argsort(dim=1)[:, None, :, None].expand(-1, heads, -1, total))
+        output = torch.matmul(stored, values)  # (B, h, n, hd): zero rows where nobody attended
+        output = output.gather(2, query_index[:, None, :, None].expand(-1, heads, -1, head_dim))
+        return output.transpose(1, 2), attentions
 
-    def _mask(self, query_index, key_positions, key_mask):
+    def _mask(self, query_positions, num_keys, key_mask):
         """(B, 1, Mq, K) bool: causally visible real keys, every query always seeing itself (no empty rows);
-        None when every key is visible (not causal, nothing padded)."""
-        keys = key_positions[None, None, :]
-        queries = query_index[..., None]
+        None when every key is visible (not causal, nothing padded). query_positions index the keys."""
+        keys = torch.arange(num_keys, device=query_positions.device)[None, None, :]
+        queries = query_positions[..., None]
         if key_mask is None:
             return (keys <= queries)[:, None] if self.is_causal else None  # causal: a query sees itself
-        allowed = key_mask[:, None, : key_positions.shape[0]].to(queries.device)
+        allowed = key_mask[:, None, :num_keys].to(queries.device)
         if self.is_causal:
             allowed = allowed & (keys <= queries)
         return (allowed | (keys == queries))[:, None]

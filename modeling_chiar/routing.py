@@ -1,10 +1,20 @@
-"""Routers: where each token of a routed layer is sent. This is the only place routing is decided.
+"""Routing: where each token of a routed layer goes. The only place routing is decided.
 
-Every router decides per token from that token's own hidden vector and spectral entropy, its
-position, and the model's parameters or buffers: never from other tokens, other sequences or
-future positions. Operators are indexed cheapest first (`config.routed_operators` order).
+Three parts, applied in this order by `route()`:
+- a *router* asks for one operator per token, from that token's own hidden vector and spectral
+  entropy, its position, and the model's parameters or buffers: never from other tokens, other
+  sequences or future positions (`ThresholdRouter`, `GateRouter`, `RandomRouter`);
+- the *budget* grants the asks: every routed operator but the cheapest has a fixed number of query
+  slots per block of real-token positions, filled in position order; a token that finds its block
+  full takes the cheapest operator (overflow). Slots, and so every shape, depend only on (batch,
+  length) and the config;
+- *share control* keeps the asks near their targets after each training pass (`observe`): running
+  quantiles for the threshold router; the learned router's auxiliary loss.
+Operators are indexed cheapest first (`config.routed_operators` order). Nothing here reads a tensor
+back to the host.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,12 +23,64 @@ from torch import nn
 from .fp32_buffers import KeepsFP32Buffers
 from .spectral import gaussian_entropy_quantiles
 
+MAX_CALL_QUERIES = 256  # query slots per attention kernel call (see `QuerySlots`)
+
 
 @dataclass
 class RoutingDecision:
-    operator_ids: torch.Tensor  # (B, T) long, index into the layer's operators
-    weights: torch.Tensor | None = None  # (B, T, K) output weights: soft blend, or learned straight-through
+    """What a router asks for."""
+
+    operator_ids: torch.Tensor  # (B, n) long, index into the layer's operators
+    probs: torch.Tensor | None = None  # (B, n, K) gate probabilities (learned and soft routers)
     aux_loss: torch.Tensor | None = None  # scalar, learned router only
+
+
+@dataclass
+class QuerySlots:
+    """Fixed query slots of one operator: `index` (B, M) names the token in each slot (position order),
+    `valid` (B, M) marks the slots a granted token holds (the others hold token 0 and are discarded).
+
+    Slots come in groups of `per_group`, one group per budget block the input touches; the tokens of
+    group g lie before chunk index (g + 1) * block. `calls` splits the slots into runs of whole
+    groups, (first slot, end slot, chunk keys its queries can see), so a causal kernel call never
+    computes keys after its last query's block.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    calls: tuple
+
+
+@dataclass
+class Selection:
+    """The tokens one operator serves in one pass, and how its output is weighted.
+
+    mask: (B, n) bool, tokens that take the operator (None: every token); slots: the operator's
+    query slots when it is budgeted (None: it runs on every position); weight: (B, n, 1) scale of its
+    output (soft blend or the learned router's straight-through factor), None for 1.
+    """
+
+    mask: torch.Tensor | None = None
+    slots: QuerySlots | None = None
+    weight: torch.Tensor | None = None
+
+
+EVERY_TOKEN = Selection()
+
+
+@dataclass
+class RoutedTokens:
+    """`route()`'s result: the selections the operators receive and what the routing record reports."""
+
+    selections: list  # one `Selection` per operator
+    operator_ids: torch.Tensor  # (B, n) the operator each token ran
+    requested_ids: torch.Tensor  # (B, n) the operator each token asked for
+    aux_loss: torch.Tensor | None
+    budget_state: torch.Tensor | None  # (B, K) asks so far in each row's current block (decoding cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# routers
 
 
 def cumulative_targets(config):
@@ -62,11 +124,23 @@ class ThresholdRouter(KeepsFP32Buffers):
         self.train_thresholds = nn.Buffer(start.clone())
         self.num_updates = nn.Buffer(torch.zeros((), dtype=torch.long))
 
+    def reset_from_config(self, config):
+        init = _init_functions()
+        start = initial_thresholds(config).to(self.thresholds.device)
+        init.copy_(self.thresholds, start)
+        init.copy_(self.train_thresholds, start)
+        init.zeros_(self.num_updates)
+
     def score(self, entropy, positions):
         """The entropy, with exact ties broken by position (see the class docstring)."""
         if positions is None:
             return entropy
         return entropy + self.TIE_BREAK * position_hash(positions, self.layer_idx).to(entropy.device)
+
+    def snapshot(self, training):
+        """The thresholds this pass routes with (a copy: `observe` after the pass must not reach a
+        gradient-checkpointing recomputation of it)."""
+        return (self.train_thresholds if training else self.thresholds).clone()
 
     def forward(self, x, entropy, positions, token_mask, thresholds=None):
         if thresholds is None:
@@ -80,27 +154,46 @@ class ThresholdRouter(KeepsFP32Buffers):
         return RoutingDecision(operator_ids=ids)
 
     @torch.no_grad()
-    def update(self, train_score, train_mask, eval_score=None, eval_mask=None):
+    def observe(self, train_score, train_mask, eval_score=None, eval_mask=None):
         """Move both threshold sets towards this batch's quantiles of `score` (a cumulative mean, then an EMA).
 
         Without dropout, eval sees what training sees: `eval_score=None` reuses the training quantiles.
+        A batch without a real token leaves the thresholds as they were.
         """
         if not self.calibrate:
             return
-        train_quantiles = self._quantiles(train_score, train_mask)
-        eval_quantiles = train_quantiles if eval_score is None else self._quantiles(eval_score, eval_mask)
-        if train_quantiles is None or eval_quantiles is None:
-            return  # no real token in this batch (or its eval slice)
-        rate = max(1.0 / (int(self.num_updates) + 1), self.momentum)
-        self.train_thresholds.lerp_(train_quantiles.to(self.train_thresholds.device), rate)
-        self.thresholds.lerp_(eval_quantiles.to(self.thresholds.device), rate)
-        self.num_updates += 1
+        train_quantiles, train_found = masked_quantiles(train_score, train_mask, self.quantile_levels)
+        if eval_score is None:
+            eval_quantiles, eval_found = train_quantiles, train_found
+        else:
+            eval_quantiles, eval_found = masked_quantiles(eval_score, eval_mask, self.quantile_levels)
+        found = train_found & eval_found
+        rate = (1.0 / (self.num_updates + 1).float()).clamp_min(self.momentum) * found
+        self.train_thresholds.lerp_(torch.where(found, train_quantiles, self.train_thresholds), rate)
+        self.thresholds.lerp_(torch.where(found, eval_quantiles, self.thresholds), rate)
+        self.num_updates.add_(found.long())
 
-    def _quantiles(self, score, mask):
-        values = score.flatten() if mask is None else score[mask]
-        if values.numel() == 0:
-            return None
-        return torch.quantile(values.float(), torch.tensor(self.quantile_levels, device=values.device))
+
+def masked_quantiles(values, mask, levels):
+    """torch.quantile's linear-interpolation quantiles of `values` where `mask` (None: everywhere), at
+    fixed shapes: masked-out entries sort last and the index is computed on the device.
+
+    Returns (quantiles (L,), whether any entry counted (0-dim bool)).
+    """
+    values = values.float().flatten()
+    if mask is None:
+        count = torch.full((), values.numel(), device=values.device)
+    else:
+        mask = mask.flatten()
+        values = torch.where(mask, values, math.inf)
+        count = mask.sum()
+    ordered = values.sort().values
+    last = (count - 1).clamp_min(0)
+    position = torch.tensor(levels, device=values.device) * last
+    low = position.floor().long()
+    high = (low + 1).clamp_max(last)
+    quantiles = torch.lerp(ordered.gather(0, low), ordered.gather(0, high), position - low)
+    return torch.where(count > 0, quantiles, 0.0), count > 0
 
 
 class GateRouter(KeepsFP32Buffers):
@@ -108,9 +201,9 @@ class GateRouter(KeepsFP32Buffers):
 
     The entropy column and the biases start where the threshold router starts (Gaussian quantiles),
     so a fresh gate routes like the paper and learning moves it from there. `hard=True` (learned):
-    top-1 in the forward pass, the chosen operator's output scaled by p / p.detach() (1 in value) so
-    the gate gets gradient; an auxiliary loss keeps the shares at their targets. `hard=False` (soft):
-    a dense softmax blend of every operator (no compute saved; an ablation).
+    top-1 in the forward pass, the executed operator's output scaled by p / p.detach() (1 in value,
+    `route()`) so the gate gets gradient; an auxiliary loss keeps the shares at their targets.
+    `hard=False` (soft): a dense softmax blend of every operator (no compute saved; an ablation).
     """
 
     fp32_buffers = ("targets", "center", "scale")
@@ -119,8 +212,7 @@ class GateRouter(KeepsFP32Buffers):
         super().__init__()
         self.hard = hard
         num_ops = len(config.routed_operators)
-        targets = torch.tensor([config.router_target_fractions[op] for op in config.routed_operators])
-        self.targets = nn.Buffer(targets, persistent=False)
+        self.targets = nn.Buffer(target_fractions(config), persistent=False)
         self.weight = nn.Parameter(torch.zeros(num_ops, config.hidden_size))
         self.entropy_weight = nn.Parameter(torch.zeros(num_ops))
         self.bias = nn.Parameter(torch.zeros(num_ops))
@@ -130,6 +222,16 @@ class GateRouter(KeepsFP32Buffers):
         with torch.no_grad():
             self.entropy_weight.copy_(slopes)
             self.bias.copy_(biases)
+
+    def reset_from_config(self, config):
+        init = _init_functions()
+        center, scale, slopes, biases = self.initial_gate(config)
+        init.normal_(self.weight, mean=0.0, std=config.initializer_range)
+        init.copy_(self.entropy_weight, slopes)
+        init.copy_(self.bias, biases)
+        init.copy_(self.center, center)
+        init.copy_(self.scale, scale)
+        init.copy_(self.targets, target_fractions(config))
 
     @staticmethod
     def initial_gate(config, sharpness=4.0):
@@ -150,11 +252,8 @@ class GateRouter(KeepsFP32Buffers):
         logits = x.float() @ self.weight.float().T + z[..., None] * self.entropy_weight + self.bias
         probs = logits.softmax(dim=-1)
         ids = probs.argmax(dim=-1)
-        if not self.hard:
-            return RoutingDecision(operator_ids=ids, weights=probs)
-        chosen = probs.gather(-1, ids[..., None])
-        weights = torch.zeros_like(probs).scatter(-1, ids[..., None], chosen / chosen.detach())
-        return RoutingDecision(operator_ids=ids, weights=weights, aux_loss=self.aux_loss(probs, ids, token_mask))
+        aux_loss = self.aux_loss(probs, ids, token_mask) if self.hard else None
+        return RoutingDecision(operator_ids=ids, probs=probs, aux_loss=aux_loss)
 
     def aux_loss(self, probs, ids, token_mask):
         """sum_k ((f_k - t_k) / t_k)^2 over the hard shares f, straight-through to the mean probabilities.
@@ -164,7 +263,8 @@ class GateRouter(KeepsFP32Buffers):
         """
         mask = torch.ones_like(ids, dtype=torch.bool) if token_mask is None else token_mask
         count = mask.sum().clamp_min(1)
-        hard = (nn.functional.one_hot(ids, probs.shape[-1]).float() * mask[..., None]).sum(dim=(0, 1)) / count
+        chosen = ids[..., None] == torch.arange(probs.shape[-1], device=ids.device)  # one_hot would read ids back
+        hard = (chosen & mask[..., None]).sum(dim=(0, 1)) / count
         mean_probs = (probs * mask[..., None]).sum(dim=(0, 1)) / count
         shares = hard + mean_probs - mean_probs.detach()  # value: hard shares; gradient: through the gate
         return ((shares - self.targets) / self.targets).square().sum()
@@ -183,6 +283,9 @@ class RandomRouter(KeepsFP32Buffers):
         self.layer_idx = layer_idx
         self.boundaries = nn.Buffer(torch.tensor(cumulative_targets(config)), persistent=False)
 
+    def reset_from_config(self, config):
+        _init_functions().copy_(self.boundaries, torch.tensor(cumulative_targets(config)))
+
     def forward(self, x, entropy, positions, token_mask):
         return RoutingDecision(operator_ids=torch.bucketize(position_hash(positions, self.layer_idx), self.boundaries))
 
@@ -197,12 +300,193 @@ def position_hash(positions, layer_idx):
     return (h & 0xFFFFFF).float() / float(1 << 24)
 
 
+def target_fractions(config):
+    return torch.tensor([config.router_target_fractions[op] for op in config.routed_operators])
+
+
 def build_router(config, layer_idx):
     if config.router_type == "threshold":
         return ThresholdRouter(config, layer_idx)
     if config.router_type == "random":
         return RandomRouter(config, layer_idx)
     return GateRouter(config, layer_idx, hard=config.router_type == "learned")
+
+
+def needs_entropy(router):
+    """Whether a router reads the spectral entropy (the mixer computes it only then, or for reports)."""
+    return isinstance(router, (ThresholdRouter, GateRouter))
+
+
+def is_dense(router):
+    """A soft router blends every operator on every token: no selection, no budget."""
+    return isinstance(router, GateRouter) and not router.hard
+
+
+def _init_functions():
+    from transformers import initialization  # transformers' init helpers honour its "already initialised" flags
+
+    return initialization
+
+
+# ----------------------------------------------------------------------------------------------
+# the budget
+
+
+def slots_per_block(config, operator):
+    """Query slots per budget block of a routed operator: ceil(target x block x capacity factor), at most the block."""
+    block = config.router_block_size
+    wanted = config.router_target_fractions[operator] * block * config.router_capacity_factor
+    return max(1, min(block, math.ceil(round(wanted, 6))))
+
+
+def unlimited_capacity_factor(config):
+    """The smallest capacity factor that grants every request: each budgeted operator gets a slot per position."""
+    return 1.0 / min(config.router_target_fractions.values())
+
+
+def num_groups(length, block, continues):
+    """Budget blocks that `length` consecutive positions can touch: starting at a block boundary
+    (`continues=False`: nothing seen before), or anywhere (a cache has seen some tokens)."""
+    if length == 0:
+        return 0
+    return (length + block - 2) // block + 1 if continues else -(-length // block)
+
+
+def grant(asks, start, carried, capacity, block):
+    """Grant the asks of one budgeted operator, causally within each block of real-token positions.
+
+    asks: (B, n) bool, real tokens asking for the operator (real tokens come first in each row:
+    `ChiarModel` compacts padded rows), at positions start + j; start: (B,) long, or 0 when nothing
+    was seen before; carried: (B,) asks already made in each row's current block (a cache), or None.
+    A token is granted when fewer than `capacity` earlier tokens of its block asked: that depends on
+    itself and the earlier tokens of its block only.
+
+    Returns granted (B, n) bool; rank (B, n), the asks (so, for a granted token, the grants) earlier in
+    its block and in this input, which is its slot within its group; and group (B, n), its block
+    counted from the first block this input touches.
+    """
+    batch, length = asks.shape
+    device = asks.device
+    j = torch.arange(length, device=device).expand(batch, length)
+    position = j + (start[:, None] if torch.is_tensor(start) else start)
+    first_block = start // block
+    group = position // block - (first_block[:, None] if torch.is_tensor(start) else first_block)
+    inclusive = asks.long().cumsum(dim=1)
+    before = inclusive - asks.long()
+    # Index (in this input) where each token's block starts, or -1 when it began before this input.
+    block_start = torch.where(position % block == 0, j, -1).cummax(dim=1).values
+    at_block_start = before.gather(1, block_start.clamp_min(0))
+    in_input = before - torch.where(block_start >= 0, at_block_start, 0)
+    earlier = in_input
+    if carried is not None:
+        earlier = earlier + torch.where(block_start < 0, carried[:, None], 0)
+    granted = asks & (earlier < capacity)
+    return granted, in_input, group
+
+
+def carried_asks(asks, start, carried, real_tokens, capacity, block):
+    """Asks made so far in the block the next input starts in (clipped at `capacity`): the budget's
+    decoding state. real_tokens: (B,) real tokens of this input."""
+    length = asks.shape[1]
+    inclusive = torch.cat([asks.new_zeros(asks.shape[0], 1, dtype=torch.long), asks.long().cumsum(dim=1)], dim=1)
+    start = start if torch.is_tensor(start) else torch.full_like(real_tokens, start)
+    next_position = start + real_tokens
+    block_start = next_position // block * block  # position where the next token's block began
+    index = (block_start - start).clamp(0, length)  # in this input; 0 when the block began before it
+    count = inclusive[:, -1] - inclusive.gather(1, index[:, None])[:, 0]
+    if carried is not None:
+        count = count + torch.where(block_start < start, carried, 0)
+    return count.clamp_max(capacity)
+
+
+def query_slots(granted, rank, group, groups, capacity, past_keys, block, causal):
+    """Place the granted tokens in fixed slots: group g's slots are [g * per_group, (g + 1) * per_group).
+
+    Tokens that are not granted go to overflow columns past the slots, one each, which are dropped: no
+    two tokens ever share a column, so the placement is deterministic.
+    """
+    batch, length = granted.shape
+    per_group = min(capacity, length)
+    total = groups * per_group
+    j = torch.arange(length, device=granted.device).expand(batch, length)
+    column = torch.where(granted, group * per_group + rank, total + j)
+    index = granted.new_zeros(batch, total + length, dtype=torch.long).scatter(1, column, j)[:, :total]
+    valid = granted.new_zeros(batch, total + length).scatter(1, column, granted)[:, :total]
+    groups_per_call = max(1, MAX_CALL_QUERIES // max(per_group, 1))
+    calls = []
+    for first in range(0, groups, groups_per_call):
+        last = min(first + groups_per_call, groups)
+        visible = min(length, last * block) if causal else length
+        calls.append((first * per_group, last * per_group, past_keys + visible))
+    return QuerySlots(index=index, valid=valid, calls=tuple(calls))
+
+
+# ----------------------------------------------------------------------------------------------
+# one routed layer, end to end
+
+
+def route(router, operators, config, x, entropy, ctx, router_state=None, carried=None):
+    """Ask, grant and select for one routed layer.
+
+    router_state: the thresholds a threshold router routes with (None: its buffers for ctx.training);
+    carried: (B, K) asks so far in each row's current block, from a decoding cache (None: none).
+    ctx supplies positions, the real-token mask (None: no padding), the pass's start position and
+    whether it trains (operators.MixContext).
+    """
+    if isinstance(router, ThresholdRouter):
+        if router_state is None:
+            router_state = router.train_thresholds if ctx.training else router.thresholds
+        decision = router(x, entropy, ctx.positions, ctx.token_mask, router_state)
+    else:
+        decision = router(x, entropy, ctx.positions, ctx.token_mask)
+    asked = decision.operator_ids
+    if ctx.token_mask is not None:  # padding takes the cheapest operator and asks for nothing
+        asked = asked.masked_fill(~ctx.token_mask, 0)
+    if is_dense(router):
+        selections = [Selection(weight=decision.probs[..., k : k + 1]) for k in range(len(operators))]
+        return RoutedTokens(selections, asked, asked, None, None)
+
+    length = asked.shape[1]
+    block = config.router_block_size
+    groups = num_groups(length, block, continues=ctx.past_keys > 0)
+    keep_state = ctx.cache is not None
+    executed, slots, states = asked, {}, []
+    for k in range(1, len(operators)):
+        capacity = slots_per_block(config, operators[k])
+        asks = asked == k
+        carried_k = None if carried is None else carried[:, k]
+        granted, rank, group = grant(asks, ctx.start, carried_k, capacity, block)
+        executed = torch.where(asks & ~granted, 0, executed)
+        slots[k] = query_slots(granted, rank, group, groups, capacity, ctx.past_keys, block, config.is_causal)
+        if keep_state:
+            states.append(carried_asks(asks, ctx.start, carried_k, ctx.real_counts, capacity, block))
+    weight = None
+    if decision.probs is not None:  # learned: the executed operator's p / p.detach(), 1 in value
+        chosen = decision.probs.gather(-1, executed[..., None])
+        weight = chosen / chosen.detach()
+    selections = [Selection(mask=executed == 0, weight=weight)]
+    selections += [Selection(mask=executed == k, slots=slots[k], weight=weight) for k in range(1, len(operators))]
+    budget_state = torch.stack([torch.zeros_like(states[0])] + states, dim=1) if keep_state else None
+    return RoutedTokens(selections, executed, asked, decision.aux_loss, budget_state)
+
+
+@torch.no_grad()
+def observe(routers, records, positions, token_mask, eval_records=None, eval_positions=None, eval_mask=None):
+    """Share control after a training pass: each calibrating threshold router moves its thresholds
+    towards this batch's quantiles (train-mode scores, and eval-mode scores from `eval_records` when a
+    dropout-free pass was made). Only batches already seen ever route."""
+    for i, (router, record) in enumerate(zip(routers, records)):
+        if not (isinstance(router, ThresholdRouter) and router.calibrate):
+            continue
+        train_score = router.score(record.entropy, positions)
+        if eval_records is None:
+            router.observe(train_score, token_mask)
+        else:
+            router.observe(train_score, token_mask, router.score(eval_records[i].entropy, eval_positions), eval_mask)
+
+
+def calibrates(router):
+    return isinstance(router, ThresholdRouter) and router.calibrate
 
 
 class MetaRouter(nn.Module):
@@ -219,11 +503,16 @@ class MetaRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.hidden_size))
         self.bias = nn.Parameter(torch.full((), 2.0))
 
+    def reset_from_config(self, config):
+        init = _init_functions()
+        init.zeros_(self.weight)
+        init.constant_(self.bias, 2.0)
+
     def forward(self, layer_input, layer_output, token_mask, cache=None):
         """token_mask: (B, n) real tokens or None; cache: earlier positions' running sum and count."""
         x = layer_input.float()
         mask = torch.ones(x.shape[:2], device=x.device) if token_mask is None else token_mask.float()
-        weighted = x * mask[..., None]
+        weighted = x if token_mask is None else torch.where(token_mask[..., None], x, 0)  # padding holds no value
         if self.is_causal:
             total, count = weighted.cumsum(dim=1), mask.cumsum(dim=1)
             if cache is not None and cache.meta_sum is not None:

@@ -22,6 +22,7 @@ TINY = dict(
     attention_dropout=0.0,
     max_position_embeddings=512,
     pad_token_id=0,
+    router_block_size=8,  # small blocks, so the budget binds on the tests' short sequences
 )
 
 TWO_OPS = ["dct", "attention"]

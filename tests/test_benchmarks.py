@@ -54,25 +54,6 @@ def test_decoding_benchmark_runs_cached_and_uncached(tmp_path):
     assert all(row["tokens_per_s"] > 0 for row in result["rows"])
 
 
-def test_breakdown_reports_the_floor_and_the_kernel_ratio(tmp_path):
-    result = run_script("breakdown.py", "--length", "64", "--tokens", "256", "--rounds", "1", output=tmp_path / "breakdown.json")
-    assert set(result["seconds"]) == {"body", "mixer", "kernel"}
-    assert all(math.isfinite(value) for value in result["ratios"].values())
-    assert result["seconds"]["body"]["floor (routed layers as DCT)"] > 0
-
-
-def test_split_kernel_matches_the_model_kernel(tmp_path):
-    # Blocks of 16 and 8 routed queries at 256 tokens: several blocks, so the merged prefix is exercised.
-    # Key chunks of 64 and 100: several chunks, the last one shorter for 100.
-    result = run_script("split_kernel.py", "--length", "256", "--rounds", "1", "--blocks", "16", "8",
-                        "--key_chunks", "64", "100", output=tmp_path / "split.json")
-    split = {name: row for name, row in result["rows"].items() if name.startswith(("split", "key chunks"))}
-    assert set(split) == {"split, blocks of 16", "split, blocks of 8", "key chunks of 64", "key chunks of 100"}
-    for row in split.values():
-        assert row["max abs difference from the model's kernel (output, gradients)"] < 1e-4
-        assert result["visible scores / causal kernel's"] <= row["computed scores / causal kernel's"] < 1.0
-
-
 def tiny_wikitext(folder, words=(12000, 2000, 2000)):
     """A WikiText-2-shaped folder of seeded random sentences: enough blocks of 256 tokens for a batch of 32."""
     import random

@@ -4,36 +4,72 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from modeling_chiar.operator_attention import RotaryEmbedding, RoutedAttention, masked_sdpa_kernels, query_blocks
+from modeling_chiar.operator_attention import RotaryEmbedding, RoutedAttention, masked_sdpa_kernels
 from modeling_chiar.operator_dct import DCTMixing
 from modeling_chiar.operator_rbf import RBFMixing
+from modeling_chiar.operators import MixContext
+from modeling_chiar.routing import EVERY_TOKEN, Selection, grant, num_groups, query_slots
 from modeling_chiar.spectral import dct_matrix
 
 from harness import tiny_config
 
 
+def context(config, x, cache=None, key_mask=None, past=0):
+    """The MixContext a layer would give an operator for x (B, n, d), positions past, past + 1, ..."""
+    batch, length, d = x.shape
+    positions = (torch.arange(length) + past).expand(batch, length)
+    rope = RotaryEmbedding(config.head_dim, config.rope_theta)(positions, x.dtype)
+    token_mask = None if key_mask is None else key_mask[:, past:]
+    return MixContext(rope=rope, positions=positions, token_mask=token_mask, key_mask=key_mask, dct=dct_matrix(d),
+                      training=False, cache=cache, past_keys=past, start=past)
+
+
+def selection_of(index, length, causal=True, block=None):
+    """A budgeted operator's selection holding the tokens `index` (B, M), built by the budget's own code
+    with the smallest capacity that grants everything: blocks of `block` positions (one when None)."""
+    block = block or length
+    asks = torch.zeros(index.shape[0], length, dtype=torch.bool).scatter(1, index, True)
+    groups = num_groups(length, block, False)
+    per_block = torch.nn.functional.pad(asks, (0, groups * block - length)).view(-1, groups, block).sum(-1)
+    capacity = max(int(per_block.max()), 1)  # the fewest slots that hold every selected token
+    granted, rank, group = grant(asks, 0, None, capacity, block)
+    assert granted.equal(asks)
+    slots = query_slots(granted, rank, group, groups, capacity, 0, block, causal)
+    return Selection(mask=asks, slots=slots)
+
+
+def rows(output, index):
+    return output.gather(1, index[..., None].expand(-1, -1, output.shape[-1]))
+
+
 def test_dct_mixing_is_identity_at_init_and_scales_frequencies():
     d = 16
     c = dct_matrix(d)
-    op = DCTMixing(d)
+    config = tiny_config(hidden_size=d, num_attention_heads=2)
+    op = DCTMixing(config)
     for tokens in (5, 40):  # fewer tokens than d: transform, gain, inverse; more: one operator matrix
-        x = torch.randn(tokens, d)
+        x = torch.randn(1, tokens, d)
+        ctx = context(config, x)
         with torch.no_grad():
             op.gain.fill_(1.0)
-        torch.testing.assert_close(op(x, c)[0], x, atol=1e-5, rtol=0)
+        torch.testing.assert_close(op(x, ctx, EVERY_TOKEN).output, x, atol=1e-5, rtol=0)
         with torch.no_grad():
             op.gain.zero_()
             op.gain[0] = 1.0  # keep only the DC component: every output entry becomes the mean of x
-        torch.testing.assert_close(op(x, c)[0], x.mean(-1, keepdim=True).expand_as(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(op(x, ctx, EVERY_TOKEN).output, x.mean(-1, keepdim=True).expand_as(x), atol=1e-5, rtol=0)
         with torch.no_grad():
             op.gain.copy_(torch.rand(d))
         with FlopCounterMode(display=False) as counter:
-            y, flops = op(x, c)
-        torch.testing.assert_close(y, ((x @ c.T) * op.gain) @ c, atol=1e-5, rtol=0)
-        assert flops == counter.get_total_flops()
+            result = op(x, ctx, EVERY_TOKEN)
+        torch.testing.assert_close(result.output, ((x @ c.T) * op.gain) @ c, atol=1e-5, rtol=0)
+        assert result.flops == counter.get_total_flops()
+        served = torch.rand(1, tokens) < 0.5  # a routed layer keeps the output of the tokens it serves only
+        kept = op(x, ctx, Selection(mask=served)).output
+        torch.testing.assert_close(kept, torch.where(served[..., None], result.output, 0))
 
 
 def test_rbf_features_estimate_the_gaussian_kernel():
+    torch.manual_seed(0)
     config = tiny_config(rbf_num_features=20000, num_attention_heads=1, hidden_size=8, rbf_gamma=0.5)
     op = RBFMixing(config, layer_idx=0)
     q, k = torch.randn(6, 8), torch.randn(6, 8)
@@ -64,15 +100,18 @@ def reference_rbf(op, x, key_mask=None, causal=True):
 @pytest.mark.parametrize("causal", [True, False])
 def test_rbf_prefix_sums_match_the_quadratic_reference(length, causal):
     torch.manual_seed(0)
-    op = RBFMixing(tiny_config(is_causal=causal), layer_idx=1)
+    config = tiny_config(is_causal=causal)
+    op = RBFMixing(config, layer_idx=1)
     x = torch.randn(2, length, 32)
-    out, flops = op(x)
-    torch.testing.assert_close(out, reference_rbf(op, x, causal=causal), atol=1e-4, rtol=1e-4)
-    # Only some tokens read from the state: their outputs are the same rows.
+    ctx = context(config, x)
+    result = op(x, ctx, EVERY_TOKEN)
+    torch.testing.assert_close(result.output, reference_rbf(op, x, causal=causal), atol=1e-4, rtol=1e-4)
+    # Only some tokens are queries (slots): their rows are the same, every other row is zero.
     index = torch.stack([torch.randperm(length)[: max(1, length // 3)].sort().values for _ in range(2)])
-    subset, subset_flops = op(x, query_index=index)
-    torch.testing.assert_close(subset, out.gather(1, index[..., None].expand(-1, -1, 32)), atol=1e-5, rtol=1e-5)
-    assert subset_flops < flops
+    selection = selection_of(index, length, causal, block=8)
+    subset = op(x, ctx, selection)
+    torch.testing.assert_close(subset.output, torch.where(selection.mask[..., None], result.output, 0), atol=1e-5, rtol=1e-5)
+    assert subset.flops < result.flops
 
 
 def gradients_of(output, weights, x, op):
@@ -91,15 +130,16 @@ def test_rbf_on_selected_queries_has_the_reference_gradient_and_counts_its_flops
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    op = RBFMixing(tiny_config(is_causal=causal), layer_idx=1)
+    config = tiny_config(is_causal=causal)
+    op = RBFMixing(config, layer_idx=1)
     x = torch.randn(2, 70, 32, requires_grad=True)
     index = torch.stack([torch.randperm(70)[:25].sort().values for _ in range(2)])
     weights = torch.randn(2, 25, 32)
-    expected = gradients_of(reference_rbf(op, x, causal=causal).gather(1, index[..., None].expand(-1, -1, 32)), weights, x, op)
+    expected = gradients_of(rows(reference_rbf(op, x, causal=causal), index), weights, x, op)
     with FlopCounterMode(display=False) as counter:
-        output, flops = op(x, query_index=index)
-    assert flops == counter.get_total_flops()
-    for a, e in zip(gradients_of(output, weights, x, op), expected):
+        result = op(x, context(config, x), selection_of(index, 70, causal, block=16))
+    assert result.flops == counter.get_total_flops()
+    for a, e in zip(gradients_of(rows(result.output, index), weights, x, op), expected):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
 
 
@@ -109,32 +149,36 @@ def test_rbf_decoding_token_by_token_equals_the_full_pass_and_counts_its_flops()
     from modeling_chiar.cache import ChiarCache
 
     torch.manual_seed(0)
-    op = RBFMixing(tiny_config(), layer_idx=1)
+    config = tiny_config()
+    op = RBFMixing(config, layer_idx=1)
     x = torch.randn(2, 9, 32)
     full = reference_rbf(op, x)
     cache = ChiarCache(num_layers=2)
     for t in range(9):
         reads = t % 3 != 1  # every third token only adds its key (routed elsewhere)
-        index = torch.zeros(2, 1 if reads else 0, dtype=torch.long)
+        step = x[:, t : t + 1]
+        selection = selection_of(torch.zeros(2, 1, dtype=torch.long), 1)
+        if not reads:
+            selection.slots.valid.zero_()
+            selection.mask.zero_()
         with FlopCounterMode(display=False) as counter:
-            out, flops = op(x[:, t : t + 1], query_index=index, cache=cache)
-        assert flops == counter.get_total_flops()
-        if reads:
-            torch.testing.assert_close(out, full[:, t : t + 1], atol=1e-5, rtol=1e-5)
-        else:
-            assert out.shape == (2, 0, 32)
+            result = op(step, context(config, step, cache=cache, past=t), selection)
+        assert result.flops == counter.get_total_flops()
+        expected = full[:, t : t + 1] if reads else torch.zeros(2, 1, 32)
+        torch.testing.assert_close(result.output, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_rbf_excludes_padding_keys():
     torch.manual_seed(0)
-    op = RBFMixing(tiny_config(), layer_idx=0)
+    config = tiny_config()
+    op = RBFMixing(config, layer_idx=0)
     x = torch.randn(1, 12, 32)
     key_mask = torch.ones(1, 12, dtype=torch.bool)
-    key_mask[0, :4] = False  # left padding
-    out, _ = op(x, key_mask=key_mask)
-    torch.testing.assert_close(out[:, 4:], reference_rbf(op, x, key_mask)[:, 4:], atol=1e-5, rtol=1e-5)
-    alone, _ = op(x[:, 4:])
-    torch.testing.assert_close(out[:, 4:], alone, atol=1e-5, rtol=1e-5)
+    key_mask[0, 8:] = False  # padding (the model puts real tokens first)
+    x[0, 8:] = float("nan")  # whatever padding holds must not reach a real token
+    out = op(x, context(config, x, key_mask=key_mask), EVERY_TOKEN).output
+    alone = op(x[:, :8], context(config, x[:, :8]), EVERY_TOKEN).output
+    torch.testing.assert_close(out[:, :8], alone, atol=1e-5, rtol=1e-5)
 
 
 def dense_reference_attention(op, x, rope, causal):
@@ -161,48 +205,41 @@ def test_attention_on_selected_queries_equals_dense_attention(implementation, ca
     config._attn_implementation = implementation
     op = RoutedAttention(config, layer_idx=0).eval()
     x = torch.randn(2, length, 32)
-    rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(length).expand(2, length), x.dtype)
-    dense = dense_reference_attention(op, x, rope, causal)
-    everything, _, _ = op(x, rope)
+    ctx = context(config, x)
+    dense = dense_reference_attention(op, x, ctx.rope, causal)
+    everything = op(x, ctx, EVERY_TOKEN).output
     torch.testing.assert_close(everything, dense, atol=1e-5, rtol=1e-5)
     index = torch.stack([torch.randperm(length)[: max(1, length // 4)].sort().values for _ in range(2)])
-    selected, _, _ = op(x, rope, query_index=index)
-    torch.testing.assert_close(selected, dense.gather(1, index[..., None].expand(-1, -1, 32)), atol=1e-5, rtol=1e-5)
+    selection = selection_of(index, length, causal, block=16)
+    selected = op(x, ctx, selection).output
+    torch.testing.assert_close(selected, torch.where(selection.mask[..., None], dense, 0), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("queries", [75, 300])
 def test_attention_on_selected_queries_has_the_dense_gradient(implementation, causal, queries):
-    """One query block, or several each seeing a prefix of the keys: gradients equal dense attention's."""
+    """One kernel call, or several each seeing a prefix of the keys: gradients equal dense attention's."""
     torch.manual_seed(0)
     config = tiny_config(is_causal=causal)
     config._attn_implementation = implementation
     op = RoutedAttention(config, layer_idx=0).eval()
     length = 1200
-    assert len(query_blocks(queries)) == (1 if queries <= 256 else 2)
     x = torch.randn(2, length, 32, requires_grad=True)
-    rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(length).expand(2, length), x.dtype)
+    ctx = context(config, x)
     index = torch.stack([torch.randperm(length)[:queries].sort().values for _ in range(2)])
+    selection = selection_of(index, length, causal, block=64)
+    calls, slots = selection.slots.calls, selection.slots
+    assert (len(calls) > 1) == (queries > 256)
+    assert [first for first, _, _ in calls[1:]] == [end for _, end, _ in calls[:-1]]
+    for first, end, keys in calls:  # a causal call sees the keys up to its last block only
+        last_query = int(torch.where(slots.valid[:, first:end], slots.index[:, first:end], 0).max())
+        assert last_query < keys and (keys == length or (causal and keys % 64 == 0))
     weights = torch.randn(2, queries, 32)
-    expected = gradients_of(dense_reference_attention(op, x, rope, causal).gather(1, index[..., None].expand(-1, -1, 32)), weights, x, op)
-    actual = gradients_of(op(x, rope, query_index=index)[0], weights, x, op)
+    expected = gradients_of(rows(dense_reference_attention(op, x, ctx.rope, causal), index), weights, x, op)
+    actual = gradients_of(rows(op(x, ctx, selection).output, index), weights, x, op)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("num_queries, block", [(0, 256), (1, 256), (256, 256), (257, 256), (1000, 256), (10, 3)])
-def test_query_blocks_are_equal_contiguous_and_bounded(num_queries, block):
-    blocks = query_blocks(num_queries, block=block)
-    assert [index for start, end in blocks for index in range(start, end)] == list(range(num_queries))
-    sizes = [end - start for start, end in blocks]
-    assert all(size <= block for size in sizes) and len(set(sizes[:-1])) <= 1  # equal but for a shorter last one
-    assert len(blocks) == -(-num_queries // block)  # as few blocks as the bound allows
-
-
-def test_query_blocks_name_a_block_size_below_one():
-    with pytest.raises(ValueError, match="block size of 0"):
-        query_blocks(10, block=0)
 
 
 def test_masked_sdpa_calls_avoid_cudnn_on_cuda_only():
@@ -243,7 +280,7 @@ def test_every_masked_sdpa_call_of_routed_attention_runs_under_the_kernel_choice
     config._attn_implementation = "sdpa"
     op = RoutedAttention(config, layer_idx=0).eval()
     x = torch.randn(2, 1200, 32)
-    rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(1200).expand(2, 1200), x.dtype)
-    op(x, rope, query_index=torch.stack([torch.randperm(1200)[:300].sort().values for _ in range(2)]))
+    index = torch.stack([torch.randperm(1200)[:300].sort().values for _ in range(2)])
+    op(x, context(config, x), selection_of(index, 1200, block=64))
     masked = [inside for has_mask, inside in calls if has_mask]
     assert len(masked) >= 2 and all(masked), calls

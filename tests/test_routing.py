@@ -3,7 +3,8 @@ import torch
 
 from harness import build, random_ids, tiny_config, wikitext_blocks, wikitext_bpe
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
-from modeling_chiar.routing import GateRouter, RandomRouter, ThresholdRouter, position_hash
+from modeling_chiar.operators import MixContext
+from modeling_chiar.routing import GateRouter, RandomRouter, ThresholdRouter, position_hash, route
 
 
 def test_threshold_bands_two_and_three_operators():
@@ -135,20 +136,29 @@ def test_learned_router_gets_gradient_from_the_loss_and_the_aux_loss():
 
 
 def test_learned_router_forward_value_is_the_hard_choice():
-    """Scaling by p / p.detach() must leave the forward output exactly that of the chosen operator:
-    the gate's output weights are 1 on the chosen operator and 0 elsewhere, in value."""
-    router = build(ChiarForCausalLM, "learned-dct+attention").model.layers[1].mixer.router
-    decision = router(torch.randn(1, 20, 32), router.center + router.scale * torch.randn(1, 20), None, None)
-    one_hot = torch.nn.functional.one_hot(decision.operator_ids, 2).float()
-    assert torch.equal(decision.weights.detach(), one_hot)
+    """Scaling by p / p.detach() must leave the forward output exactly that of the executed operator:
+    the weight is 1 in value, the selections partition the tokens, and the gate still gets gradient."""
+    model = build(ChiarForCausalLM, "learned-dct+attention")
+    mixer = model.model.layers[1].mixer
+    x = torch.randn(1, 20, 32)
+    entropy = mixer.router.center + mixer.router.scale * torch.randn(1, 20)
+    ctx = MixContext(rope=None, positions=torch.arange(20)[None], token_mask=None, key_mask=None, dct=None, training=True)
+    routed = route(mixer.router, mixer.operators, model.config, x, entropy, ctx)
+    masks = torch.stack([selection.mask for selection in routed.selections])
+    assert torch.equal(masks.sum(0), torch.ones(1, 20, dtype=torch.long))  # one operator per token
+    for k, selection in enumerate(routed.selections):
+        assert torch.equal(selection.mask, routed.operator_ids == k)
+        torch.testing.assert_close(selection.weight.detach(), torch.ones(1, 20, 1), atol=0, rtol=0)
+    routed.selections[0].weight.sum().backward()
+    assert mixer.router.weight.grad.abs().sum() > 0
 
 
 def test_soft_router_blends_every_operator():
     router = GateRouter(tiny_config(routed_operators=["dct", "rbf", "attention"], router_type="soft"), 0, hard=False)
     entropy = router.center + router.scale * torch.randn(2, 5)  # typical entropies
     decision = router(torch.randn(2, 5, 32) * 0.1, entropy, None, None)
-    torch.testing.assert_close(decision.weights.sum(-1), torch.ones(2, 5))
-    assert (decision.weights > 0).all() and decision.aux_loss is None
+    torch.testing.assert_close(decision.probs.sum(-1), torch.ones(2, 5))
+    assert (decision.probs > 0).all() and decision.aux_loss is None
 
 
 def test_fresh_gate_routes_like_the_threshold_router():

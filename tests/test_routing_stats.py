@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from harness import build, tiny_tokenizer
-from chiar.audit import InvertedEntropyRouter, MatchedRandomRouter, audit, fit_boundaries, inverted_routers, swapped_routers
+from chiar.audit import (InvertedEntropyRouter, MatchedRandomRouter, audit, fit_boundaries, inverted_routers, swapped_routers,
+                         unbudgeted)
 from chiar.cli import main as cli_main
 from chiar.routing_stats import FUNCTION_WORDS, make_batches, read_documents, routing_statistics, token_category, write_report
 from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification
@@ -143,7 +144,7 @@ def test_inverted_control_keeps_shares_but_sends_other_tokens_to_attention(model
     batches = [(ids, mask) for ids, mask in make_batches((tokenizer(t)["input_ids"] for t in texts), 8, tokenizer.pad_token_id)]
     real = batches[0][1].bool()
     model = copy.deepcopy(model)  # thresholds at this batch's quantiles: about 25% attention, whatever the tokenizer
-    with torch.no_grad():
+    with torch.no_grad(), unbudgeted(model):  # routers compared on their own choices, as the audit does
         for i in (1, 2):
             entropy = model(batches[0][0], attention_mask=batches[0][1], output_routing=True).routing[i].entropy[real]
             model.model.layers[i].mixer.router.thresholds.copy_(torch.quantile(entropy, torch.tensor([0.4, 0.75])))
@@ -151,7 +152,7 @@ def test_inverted_control_keeps_shares_but_sends_other_tokens_to_attention(model
     shares = {str(i): trained[i].shares() for i in (1, 2)}
     routers = inverted_routers(model, batches, shares)
     assert all(isinstance(r, InvertedEntropyRouter) for r in routers.values())
-    with swapped_routers(model, routers), torch.no_grad():
+    with swapped_routers(model, routers), torch.no_grad(), unbudgeted(model):
         inverted = model(batches[0][0], attention_mask=batches[0][1], output_routing=True).routing
     for i in (1, 2):  # equal up to ties (one token id at one position has one entropy): a few of ~480 tokens
         assert inverted[i].shares() == pytest.approx(trained[i].shares(), abs=0.01)
