@@ -239,7 +239,11 @@ def main(argv=None):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=None),
+        # Compiled, every batch is padded to --max_seq_length: one shape, one graph (padding is free of
+        # charge for routing, which budgets real-token positions only). Eager, to each batch's longest.
+        data_collator=DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
+        if training_args.torch_compile
+        else DataCollatorWithPadding(tokenizer, pad_to_multiple_of=None),
         compute_metrics=compute_metrics,
     )
 

@@ -33,7 +33,9 @@ def provenance():
     commit = git("rev-parse", "--short", "HEAD")
     if commit and git("status", "--porcelain", "--untracked-files=no", "--", "modeling_chiar", "benchmarks", "chiar"):
         commit += "+changes"
-    command = "python " + " ".join(shlex.quote(arg) for arg in [str(Path(sys.argv[0]).relative_to(root)) if Path(sys.argv[0]).resolve().is_relative_to(root) else sys.argv[0], *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(root) if script.is_relative_to(root) else script
+    command = " ".join(shlex.quote(str(arg)) for arg in ["python", script, *sys.argv[1:]])
     return {"command": command, "commit": commit}
 
 

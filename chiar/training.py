@@ -165,11 +165,11 @@ def _split_top_level(text):
 
 
 def prepare_training_args(training_args):
-    """Routing leaves some parameters without gradient in some steps (an operator nobody was routed to
-    does not run). DDP must be told to look for them, or it errors on the first such step; and
-    reentrant checkpointing does not mix with that search, so checkpointing is non-reentrant."""
+    """Every parameter receives a gradient in every step (each operator runs on its fixed query slots,
+    held or not), so DDP need not search for unused ones; checkpointing is non-reentrant, which mixes
+    with DDP and torch.compile."""
     if training_args.ddp_find_unused_parameters is None:
-        training_args.ddp_find_unused_parameters = True
+        training_args.ddp_find_unused_parameters = False
     if getattr(training_args, "gradient_checkpointing", False):
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False, **(training_args.gradient_checkpointing_kwargs or {})}
     return training_args

@@ -63,10 +63,13 @@ class ChiarConfig(PretrainedConfig):
             move during training; 0.01 lagged so far that a 200-step WikiText-2 run ended with 0.37
             of a layer's tokens on attention instead of 0.25 (benchmarks/quality.py).
         router_block_size (`int`): the budget's block, in real-token positions (default 128). Every
-            routed operator but the cheapest has a fixed number of query slots per block.
+            routed operator but the cheapest has a fixed number of query slots per block, filled in
+            position order; a token asking for an operator whose block is full takes the cheapest one
+            (overflow, reported). A sequence shorter than a block still has a whole block's slots.
         router_capacity_factor (`float`): slots per block = ceil(target share x block x factor), at most
-            the block (default 1.25). A token asking for a full operator takes the cheapest one instead
-            (overflow, reported). A factor of 1 / target or more grants every request.
+            the block. The default, 1.0, makes the budget the target share exactly (25% of the queries:
+            the paper's saving); above 1 it leaves slack for blocks that ask more (fewer overflows, more
+            slots computed); 1 / target or more grants every request.
         rbf_num_features (`int`), rbf_gamma (`float`): random features and bandwidth of RBF mixing.
         use_meta_router (`bool`): v2's gate blending the first layer's output with its input.
         is_causal (`bool`): causal (language modelling) or bidirectional (classification) mixing.
@@ -108,7 +111,7 @@ class ChiarConfig(PretrainedConfig):
         router_aux_loss_coef=5.0,
         router_calibration_momentum=0.1,
         router_block_size=128,
-        router_capacity_factor=1.25,
+        router_capacity_factor=1.0,
         rbf_num_features=64,
         rbf_gamma=1.0,
         use_meta_router=False,

@@ -130,3 +130,17 @@ def test_real_imdb_subset(tmp_path):
                                    str(tmp_path / "test.jsonl"), "--num_train_epochs", "1", "--max_seq_length", "128"))
     test = json.loads((tmp_path / "out" / "test_results.json").read_text())
     assert test["test_samples"] == 50
+
+
+def test_torch_compile_trains_and_evaluates(tmp_path):
+    """--torch_compile (the Trainer's flag; aot_eager here, which traces as inductor does, in seconds):
+    batches are padded to --max_seq_length, so one graph serves every batch."""
+    import torch._dynamo
+
+    data = write_sentiment(tmp_path / "data", n_train=64, n_test=16)
+    torch._dynamo.reset()
+    run_classification.main(common(tmp_path, "--train_file", str(data / "train.jsonl"), "--test_file", str(data / "test.jsonl"),
+                                   "--torch_compile", "--torch_compile_backend", "aot_eager", "--num_train_epochs", "1"))
+    test = json.loads((tmp_path / "out" / "test_results.json").read_text())
+    assert 0 <= test["test_accuracy"] <= 1 and "test_routing_layer1_attention" in test
+    torch._dynamo.reset()

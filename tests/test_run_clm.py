@@ -120,7 +120,7 @@ def test_two_processes_with_accelerate(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     training_args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
-    assert training_args.world_size == 2 and training_args.ddp_find_unused_parameters
+    assert training_args.world_size == 2 and training_args.ddp_find_unused_parameters is False
     metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert "eval_attention_flops_fraction" in metrics
 
@@ -171,3 +171,20 @@ def test_wikitext2_run(tmp_path):
     ])
     metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert metrics["eval_samples"] == 16 and metrics["perplexity"] < 2000 * 2
+
+
+def test_torch_compile_trains_evaluates_and_saves(tmp_path):
+    """--torch_compile (the Trainer's flag; aot_eager here, which traces as inductor does, in seconds)
+    trains, evaluates with routing reports and saves a model that loads."""
+    import torch._dynamo
+
+    corpus = write_corpus(tmp_path / "data")
+    torch._dynamo.reset()
+    run_clm.main(args(tmp_path, corpus, "--torch_compile", "--torch_compile_backend", "aot_eager"))
+    torch._dynamo.reset()
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert metrics["eval_loss"] > 0 and "eval_overflow_layer1_attention" in metrics
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert int(model.model.layers[1].mixer.router.num_updates) == 8  # calibrated in every compiled step
