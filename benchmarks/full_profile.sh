@@ -5,10 +5,17 @@
 #   DATA_DIR=/data STAGE_SECONDS="60 150 290 100" bash benchmarks/full_profile.sh
 #
 # DATA_DIR holds wikitext-2/ (default ../shared/data). STAGE_SECONDS, when set, bounds each of the four
-# stages in seconds (for a machine lent for a fixed time): each script writes its JSON after every
-# length or variant, so a stage stopped at its bound still leaves what it measured, marked
-# "complete": false. RESULTS_COPY, when set, is a folder the result files are copied into at the end.
-# Extra arguments for a stage: SPEED_ARGS, QUALITY_ARGS, GENERATION_ARGS.
+# stages in seconds (for a machine lent for a fixed time; 0: unbounded, "skip": not run): each script
+# writes its JSON after every length or variant, so a stage stopped at its bound still leaves what it
+# measured, marked "complete": false. RESULTS_COPY, when set, is a folder the result files are copied
+# into at the end. Extra arguments for a stage: SPEED_ARGS, QUALITY_ARGS, GENERATION_ARGS.
+#
+# The prepared 8-minute run for a lent GPU (docs/benchmarks.md, GPU section): here,
+#   mkdir -p .devdata && cp -r ../shared/data/wikitext-2 .devdata/
+# then on the device, carrying .devdata:
+#   DATA_DIR=.devdata RESULTS_COPY=$OUT STAGE_SECONDS="60 200 200 skip" \
+#   SPEED_ARGS="--modes eager compiled --targets body --lengths 1024 4096 16384 --variants baseline chiar-threshold --rounds 3" \
+#   QUALITY_ARGS="--variants baseline chiar-threshold chiar-random chiar-3op" bash benchmarks/full_profile.sh
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -19,6 +26,7 @@ mkdir -p "$RESULTS"
 
 stage() {  # stage SECONDS COMMAND...: run it, bounded when SECONDS > 0; never stop the whole run
   local seconds=$1; shift
+  if [ "$seconds" = skip ]; then echo "=== skipped: $*"; return; fi
   echo "=== $(date -u +%T) $*"
   if [ "$seconds" -gt 0 ]; then timeout --signal=INT --kill-after=10 "$seconds" "$@"; else "$@"; fi
   echo "=== exit $? after ${SECONDS}s in all"

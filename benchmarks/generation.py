@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import RESULTS, describe_device, paired_speedup, sync, timing_parser, timing_settings
+from common import RESULTS, describe_device, paired_speedup, provenance, sync, timing_parser, timing_settings
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 
 PROFILES = {
@@ -84,7 +84,7 @@ def main():
 
     def write(complete):  # after every context length, so a run stopped early still leaves its rows
         result = {
-            "benchmark": "generation", "profile": args.profile, "device": machine, "dtype": str(dtype),
+            "benchmark": "generation", **provenance(), "profile": args.profile, "device": machine, "dtype": str(dtype),
             "torch": torch.__version__, "settings": settings, "shape": "4 layers, d=256, 4 heads, FFN 1024, vocab 8192",
             "complete": complete, "rows": rows,
         }

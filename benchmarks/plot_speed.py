@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tables import ratio_quartiles  # noqa: E402
 
-TARGETS = {"body": {256: 1.15, 4096: 1.7}}  # issue 5's CPU targets, model body forward+backward
+# The CPU targets (model body, forward+backward): eager against the eager baseline, compiled against the compiled one.
+TARGETS = {("body", False): {256: 1.15, 4096: 1.55}, ("body", True): {1024: 1.3, 4096: 1.5}}
 
 
 def draw(axis, points, title, xlabel):
@@ -39,8 +40,8 @@ def draw(axis, points, title, xlabel):
     axis.legend(fontsize=8)
 
 
-def speed_points(result, target, mode):
-    rows = [r for r in result["rows"] if r["target"] == target and r["mode"] == mode]
+def speed_points(result, target, mode, compiled):
+    rows = [r for r in result["rows"] if r["target"] == target and r["mode"] == mode and bool(r.get("compiled")) == compiled]
     points = {}
     for row in rows:
         if row["model"] == "baseline":
@@ -51,15 +52,16 @@ def speed_points(result, target, mode):
 
 
 def plot_speed(result, path):
-    targets = sorted({r["target"] for r in result["rows"]})
+    columns = sorted({(r["target"], bool(r.get("compiled"))) for r in result["rows"]})
     modes = sorted({r["mode"] for r in result["rows"]}, key=lambda m: m != "fwd+bwd")
-    figure, axes = plt.subplots(len(modes), len(targets), figsize=(5.5 * len(targets), 4 * len(modes)), squeeze=False)
+    figure, axes = plt.subplots(len(modes), len(columns), figsize=(5.5 * len(columns), 4 * len(modes)), squeeze=False)
     for i, mode in enumerate(modes):
-        for j, target in enumerate(targets):
+        for j, (target, compiled) in enumerate(columns):
             axis = axes[i][j]
-            draw(axis, speed_points(result, target, mode), f"{target}, {mode} ({result['device']})", "sequence length")
+            kind = "compiled, vs compiled baseline" if compiled else "eager"
+            draw(axis, speed_points(result, target, mode, compiled), f"{target}, {mode}, {kind}\n({result['device']})", "sequence length")
             if mode == "fwd+bwd":
-                goals = TARGETS.get(target, {})
+                goals = TARGETS.get((target, compiled), {})
                 if goals:
                     axis.plot(list(goals), list(goals.values()), marker="*", ms=12, color="black", ls="none", label="target")
                     axis.legend(fontsize=8)

@@ -100,7 +100,8 @@ def main():
     parser = timing_parser("CHIAR vs full attention: tokens/s, memory and executed FLOPs.", PROFILES, VARIANTS)
     parser.add_argument("--targets", nargs="+", default=["body", "lm"], choices=["body", "lm"])
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
-                        help="eager, and/or torch.compile(fullgraph=True) with inductor")
+                        help="eager, and/or torch.compile(fullgraph=True)")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled rows")
     args = parser.parse_args()
     settings, device, dtype = timing_settings(args, PROFILES)
     max_length = max(settings["lengths"])
@@ -111,6 +112,7 @@ def main():
     def write(complete):  # after every length, so a run stopped early still leaves its rows
         result = {"benchmark": "speed", **provenance(), "profile": args.profile, "device": machine, "dtype": str(dtype), "torch": torch.__version__,
                   "shape": "4 layers, d=256, 4 heads, FFN 1024; LM vocabulary 8192", "settings": settings,
+                  "compile_backend": args.compile_backend if "compiled" in args.modes else None,
                   "complete": complete, "rows": rows}
         output.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -131,7 +133,8 @@ def main():
                 runners = models
                 if mode == "compiled":
                     torch._dynamo.reset()
-                    runners = {name: torch.compile(model, fullgraph=True, dynamic=False) for name, model in models.items()}
+                    runners = {name: torch.compile(model, fullgraph=True, dynamic=False, backend=args.compile_backend)
+                               for name, model in models.items()}
                 for backward in (False, True):
                     compile_seconds = {}
                     if mode == "compiled":  # the first call compiles; a second one is what a step costs

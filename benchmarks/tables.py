@@ -122,11 +122,33 @@ def device_check(result):
     return "\n".join(lines)
 
 
+def flops_fraction(result):
+    """The budget table: per capacity factor and length, attention work and each routed layer's overflow."""
+    rows = {(r["capacity_factor"], r["length"], r["attn_implementation"]): r for r in result["rows"]}
+    lines = [f"torch {result['torch']}; {result['sequences']} held-out sequences per row.", "",
+             "| capacity factor | T | attention queries | attention FLOPs (sdpa) | (eager) | body FLOPs (sdpa) | "
+             "attention share, routed layers | overflow, routed layers |", "|---|---|---|---|---|---|---|---|"]
+    for (factor, length, implementation), row in sorted(rows.items()):
+        if implementation != "sdpa":
+            continue
+        eager = rows.get((factor, length, "eager"))
+        shares = ", ".join(f"{s:.3f}" for s in row["attention_shares"] if 0 < s < 1)
+        overflow = ", ".join(f"{o:.4f}" for o in row["overflow"])
+        lines.append(f"| {factor} | {length} | {row['attention_query_fraction']:.3f} | {row['attention_flops_fraction']:.3f} | "
+                     f"{eager['attention_flops_fraction']:.3f} | {row['total_flops_fraction']:.3f} | {shares} | {overflow} |"
+                     if eager else
+                     f"| {factor} | {length} | {row['attention_query_fraction']:.3f} | {row['attention_flops_fraction']:.3f} | n/a | "
+                     f"{row['total_flops_fraction']:.3f} | {shares} | {overflow} |")
+    return "\n".join(lines)
+
+
 def main():
     for path in sys.argv[1:]:
         result = json.loads(Path(path).read_text())
         print(f"### {path}\n")
-        print({"speed": speed, "generation": generation, "quality": quality, "device_check": device_check}[result["benchmark"]](result))
+        renderers = {"speed": speed, "generation": generation, "quality": quality, "device_check": device_check,
+                     "flops_fraction": flops_fraction}
+        print(renderers[result["benchmark"]](result))
         print()
 
 

@@ -120,6 +120,14 @@ class ChiarConfig(PretrainedConfig):
         classifier_pooling="mean",
         **kwargs,
     ):
+        # Checked before transformers' own validators read them (they fail with a TypeError on a string).
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
+                            ("num_attention_heads", num_attention_heads), ("intermediate_size", intermediate_size)):
+            _check_int(name, value, 1)
+        if layer_schedule is not None and not isinstance(layer_schedule, (list, tuple)):
+            raise ValueError(f"layer_schedule must be a list of layer kinds {list(LAYER_KINDS)}, got {layer_schedule!r}.")
+        if routed_operators is not None and not isinstance(routed_operators, (list, tuple)):
+            raise ValueError(f"routed_operators must be a list of operator names from {list(OPERATORS)}, got {routed_operators!r}.")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

@@ -29,14 +29,14 @@ from .operator_rbf import RBFMixing
 from .operators import MixContext, gather_rows
 from .routing import (
     EVERY_TOKEN,
-    GateRouter,
     MetaRouter,
-    ThresholdRouter,
     build_router,
     calibrates,
+    has_gate,
     is_dense,
     needs_entropy,
     observe,
+    reported_thresholds,
     route,
 )
 from .spectral import dct_matrix, spectral_entropy_from_coefficients
@@ -169,7 +169,7 @@ class TokenMixer(nn.Module):
             selections = routed.selections
             if cache is not None:
                 cache.budget_state[self.layer_idx] = routed.budget_state
-            if isinstance(self.router, GateRouter):
+            if has_gate(self.router):
                 flops += gate_flops(batch * length, d, len(self.operators))
 
         output, attentions, attention_flops = None, None, 0.0
@@ -191,9 +191,7 @@ class TokenMixer(nn.Module):
                 for k, selection in enumerate(selections)
                 if selection.slots is not None
             }
-        thresholds = None
-        if ctx.output_routing and isinstance(self.router, ThresholdRouter):
-            thresholds = self.router.thresholds.detach().clone()
+        thresholds = reported_thresholds(self.router) if ctx.output_routing else None
         record = LayerRouting(
             operators=self.operators,
             operator_ids=ids,
@@ -250,8 +248,6 @@ class ChiarDecoderLayer(GradientCheckpointingLayer):
             hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states), ctx))
         if self.meta_router is not None:
             hidden_states = self.meta_router(layer_input, hidden_states, ctx.token_mask, ctx.cache)
-        if aux is None:
-            aux = hidden_states.new_zeros(())
         return hidden_states, aux, attentions, record
 
 
@@ -280,6 +276,9 @@ class ChiarPreTrainedModel(PreTrainedModel):
         """Weights and config as usual, plus the model's code and a complete `auto_map`, so the folder
         loads with `trust_remote_code=True` where this project is not installed."""
         self.config.auto_map = dict(self.auto_map)
+        base = getattr(self, self.base_model_prefix, self)
+        if isinstance(base, ChiarModel):
+            base.report_skipped_updates()
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             for source in [__file__] + get_relative_import_files(__file__):
@@ -318,6 +317,12 @@ class ChiarPreTrainedModel(PreTrainedModel):
                     f"missing or unexpected weights {body[:6]}{' ...' if len(body) > 6 else ''}. Load it with its own "
                     "config.json, or pass strict_architecture=False to re-initialise what is missing."
                 )
+        bad = [name for name, buffer in model.named_buffers() if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all())]
+        if bad:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path!r} holds NaN or infinite values in {bad[:4]}: routing "
+                "statistics are corrupt (a training step on non-finite data?). Load an earlier checkpoint or recalibrate."
+            )
         return (model, info) if want_info else model
 
     @torch.no_grad()
@@ -401,6 +406,25 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
     def routers(self):
         return [layer.mixer.router for layer in self.layers]
 
+    def report_skipped_updates(self):
+        """Threshold-router updates refused since the model was built (batches with NaN or infinite hidden
+        states), logged once per new refusal. Read outside the forward pass: by `eval()` and saving."""
+        counts = [r.skipped_updates for r in self.routers() if calibrates(r)]
+        total = int(torch.stack(counts).sum()) if counts else 0
+        if total > getattr(self, "_skipped_reported", 0):
+            logger.warning(
+                f"{total - getattr(self, '_skipped_reported', 0)} routing-statistics update(s) were skipped: a batch had NaN or "
+                "infinite hidden states, and the routers' thresholds were left as they were before it."
+            )
+            self._skipped_reported = total
+        return total
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not mode:
+            self.report_skipped_updates()
+        return self
+
     def forward(
         self,
         input_ids=None,
@@ -483,7 +507,7 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         for i, layer in enumerate(self.layers):
             hidden_states, aux, attentions, record = layer(hidden_states, ctx)
             records.append(record)
-            if isinstance(layer.mixer.router, GateRouter) and layer.mixer.router.hard:
+            if aux is not None:  # the learned router's share-keeping loss
                 aux_losses.append(aux)
             if output_attentions:
                 if attentions is None:  # no token of this layer ran attention

@@ -47,6 +47,8 @@ class MixContext:
 
 def gather_rows(x, index):
     """x[b, index[b, m]] for x (B, n, ...) and index (B, M)."""
+    if index.shape[1] == x.shape[1] == 1:  # a decoding step's one slot holds its one token
+        return x
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
@@ -54,6 +56,8 @@ def scatter_slots(slot_output, slots, length):
     """Slot outputs (B, M, d) back at their tokens' rows of a (B, length, d) zero tensor; filler slots add nothing."""
     batch, _, d = slot_output.shape
     kept = torch.where(slots.valid[..., None], slot_output, 0)
+    if length == kept.shape[1] == 1:
+        return kept
     placed = slot_output.new_zeros(batch, length, d)
     return placed.scatter_add(1, slots.index[..., None].expand(-1, -1, d), kept)
 

@@ -123,6 +123,9 @@ class ThresholdRouter(KeepsFP32Buffers):
         self.thresholds = nn.Buffer(start)
         self.train_thresholds = nn.Buffer(start.clone())
         self.num_updates = nn.Buffer(torch.zeros((), dtype=torch.long))
+        # Batches whose update was refused because a real token's input was NaN or infinite (read and
+        # reported outside the forward pass: ChiarModel.report_skipped_updates).
+        self.skipped_updates = nn.Buffer(torch.zeros((), dtype=torch.long), persistent=False)
 
     def reset_from_config(self, config):
         init = _init_functions()
@@ -130,6 +133,7 @@ class ThresholdRouter(KeepsFP32Buffers):
         init.copy_(self.thresholds, start)
         init.copy_(self.train_thresholds, start)
         init.zeros_(self.num_updates)
+        init.zeros_(self.skipped_updates)
 
     def score(self, entropy, positions):
         """The entropy, with exact ties broken by position (see the class docstring)."""
@@ -158,20 +162,31 @@ class ThresholdRouter(KeepsFP32Buffers):
         """Move both threshold sets towards this batch's quantiles of `score` (a cumulative mean, then an EMA).
 
         Without dropout, eval sees what training sees: `eval_score=None` reuses the training quantiles.
-        A batch without a real token leaves the thresholds as they were.
+        A batch without a real token leaves the thresholds as they were; so does a batch in which a real
+        token's score is NaN (its input was not finite), which is counted in `skipped_updates`.
         """
         if not self.calibrate:
             return
+        finite = ~_nan_at(train_score, train_mask)
+        if eval_score is not None:
+            finite = finite & ~_nan_at(eval_score, eval_mask)
         train_quantiles, train_found = masked_quantiles(train_score, train_mask, self.quantile_levels)
         if eval_score is None:
             eval_quantiles, eval_found = train_quantiles, train_found
         else:
             eval_quantiles, eval_found = masked_quantiles(eval_score, eval_mask, self.quantile_levels)
-        found = train_found & eval_found
+        found = train_found & eval_found & finite
         rate = (1.0 / (self.num_updates + 1).float()).clamp_min(self.momentum) * found
         self.train_thresholds.lerp_(torch.where(found, train_quantiles, self.train_thresholds), rate)
         self.thresholds.lerp_(torch.where(found, eval_quantiles, self.thresholds), rate)
         self.num_updates.add_(found.long())
+        self.skipped_updates.add_((~finite).long())
+
+
+def _nan_at(score, mask):
+    """Whether any counted entry of `score` is NaN (0-dim bool)."""
+    nan = torch.isnan(score)
+    return (nan if mask is None else nan & mask).any()
 
 
 def masked_quantiles(values, mask, levels):
@@ -322,6 +337,16 @@ def is_dense(router):
     return isinstance(router, GateRouter) and not router.hard
 
 
+def has_gate(router):
+    """Whether a router runs a learned gate over the hidden vector (its FLOPs count: flops.gate_flops)."""
+    return isinstance(router, GateRouter)
+
+
+def reported_thresholds(router):
+    """The thresholds a routing record shows: the threshold router's eval thresholds, else None."""
+    return router.thresholds.detach().clone() if isinstance(router, ThresholdRouter) else None
+
+
 def _init_functions():
     from transformers import initialization  # transformers' init helpers honour its "already initialised" flags
 
@@ -382,6 +407,15 @@ def grant(asks, start, carried, capacity, block):
         earlier = earlier + torch.where(block_start < 0, carried[:, None], 0)
     granted = asks & (earlier < capacity)
     return granted, in_input, group
+
+
+def grant_step(asks, start, carried, capacity, block):
+    """`grant` and `carried_asks` for a decoding step (one token per row, after a prefill), in a few
+    operations: the token is granted when fewer than `capacity` tokens of its block asked before it;
+    a token at a block boundary starts the block afresh. Returns (granted (B, 1), carried after it)."""
+    earlier = torch.where(start % block == 0, 0, carried)
+    granted = asks & (earlier < capacity)[:, None]
+    return granted, (earlier + asks[:, 0].long()).clamp_max(capacity)
 
 
 def carried_asks(asks, start, carried, real_tokens, capacity, block):
@@ -450,16 +484,22 @@ def route(router, operators, config, x, entropy, ctx, router_state=None, carried
     block = config.router_block_size
     groups = num_groups(length, block, continues=ctx.past_keys > 0)
     keep_state = ctx.cache is not None
+    step = length == 1 and carried is not None and torch.is_tensor(ctx.start)  # a decoding step
     executed, slots, states = asked, {}, []
     for k in range(1, len(operators)):
         capacity = slots_per_block(config, operators[k])
         asks = asked == k
         carried_k = None if carried is None else carried[:, k]
-        granted, rank, group = grant(asks, ctx.start, carried_k, capacity, block)
+        if step:
+            granted, state = grant_step(asks, ctx.start, carried_k, capacity, block)
+            slots[k] = QuerySlots(index=torch.zeros_like(asked), valid=granted, calls=((0, 1, ctx.past_keys + 1),))
+            states.append(state)
+        else:
+            granted, rank, group = grant(asks, ctx.start, carried_k, capacity, block)
+            slots[k] = query_slots(granted, rank, group, groups, capacity, ctx.past_keys, block, config.is_causal)
+            if keep_state:
+                states.append(carried_asks(asks, ctx.start, carried_k, ctx.real_counts, capacity, block))
         executed = torch.where(asks & ~granted, 0, executed)
-        slots[k] = query_slots(granted, rank, group, groups, capacity, ctx.past_keys, block, config.is_causal)
-        if keep_state:
-            states.append(carried_asks(asks, ctx.start, carried_k, ctx.real_counts, capacity, block))
     weight = None
     if decision.probs is not None:  # learned: the executed operator's p / p.detach(), 1 in value
         chosen = decision.probs.gather(-1, executed[..., None])

@@ -173,3 +173,42 @@ def test_fresh_gate_routes_like_the_threshold_router():
         gate.weight.zero_()
         ids = gate(x, spectral_entropy(x), None, None).operator_ids
     assert abs(ids.float().mean().item() - 0.25) < 0.05
+
+
+def test_a_batch_with_non_finite_hidden_states_leaves_the_routing_statistics_and_says_so():
+    """A training run meets NaN hidden states (here a weight gone NaN, as after a diverged step): the
+    thresholds keep their values from before that batch, the refusal is counted, and eval() and
+    saving log it; a checkpoint whose routing buffers are non-finite is refused at load."""
+    from transformers.testing_utils import CaptureLogger
+
+    import modeling_chiar.modeling_chiar as modeling
+
+    model = build(ChiarForCausalLM, "threshold-dct+rbf+attention").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    ids = random_ids(2, 30)
+    for _ in range(2):  # clean steps calibrate
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    routers = [layer.mixer.router for layer in model.model.layers if isinstance(layer.mixer.router, ThresholdRouter)]
+    before = [(r.thresholds.clone(), r.train_thresholds.clone(), int(r.num_updates)) for r in routers]
+    assert all(n == 2 for _, _, n in before)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    loss = model(ids, labels=ids).loss
+    assert not torch.isfinite(loss)
+    for router, (eval_t, train_t, updates) in zip(routers, before):
+        assert torch.equal(router.thresholds, eval_t) and torch.equal(router.train_thresholds, train_t)
+        assert int(router.num_updates) == updates and int(router.skipped_updates) == 1
+    with CaptureLogger(modeling.logger) as captured:
+        model.eval()
+    assert "update(s) were skipped" in captured.out
+
+
+def test_non_finite_routing_buffers_are_refused_at_load(tmp_path):
+    model = build(ChiarForCausalLM, "threshold-dct+attention")
+    with torch.no_grad():
+        model.model.layers[1].mixer.router.thresholds.fill_(float("nan"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="NaN or infinite values in .*layers.1.mixer.router.thresholds"):
+        ChiarForCausalLM.from_pretrained(tmp_path)
