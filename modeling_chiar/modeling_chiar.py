@@ -36,14 +36,16 @@ from .routing import (
     is_dense,
     needs_entropy,
     observe,
+    reconcile_loaded_thresholds,
     reported_thresholds,
     route,
 )
-from .spectral import dct_matrix, spectral_entropy_from_coefficients
+from .spectral import dct_matrix, spectral_entropy
 
 logger = logging.get_logger(__name__)
 
 OPERATOR_CLASSES = {"dct": DCTMixing, "rbf": RBFMixing, "attention": RoutedAttention}
+HEAD_ROOTS = ("lm_head", "score")  # task heads' weights; everything else is the body
 
 
 @dataclass
@@ -154,8 +156,7 @@ class TokenMixer(nn.Module):
         entropy = None
         flops = 0.0
         if self.reads_entropy() or ctx.output_routing:
-            with torch.no_grad():  # routing reads the value only
-                entropy = spectral_entropy_from_coefficients(x.float() @ ctx.dct.T)
+            entropy = spectral_entropy(x, ctx.dct)  # no gradient: routing reads the value only
             if self.reads_entropy():  # counted when routing needs it, not when only reported
                 flops += entropy_flops(batch * length, d)
 
@@ -302,14 +303,18 @@ class ChiarPreTrainedModel(PreTrainedModel):
             raise
         # A caller who asks for the loading report, or loads a state dict of its own, reads the report itself.
         if strict_architecture and not want_info and pretrained_model_name_or_path is not None and "state_dict" not in kwargs:
-            base = getattr(model, model.base_model_prefix, model)
-            prefix = "" if base is model else model.base_model_prefix + "."
-            roots = {prefix + name.split(".")[0] for name in base.state_dict()}
+            # Everything but a task head (lm_head, score) is body: a base model loads without a head and a
+            # classifier brings its own, but a missing or extra body weight means another architecture
+            # (a post-norm config on a pre-norm checkpoint leaves the final norm's weights unused).
             body = sorted(
-                key
-                for key in set(info["missing_keys"]) | set(info["unexpected_keys"])
-                if any(key == root or key.startswith(root + ".") for root in roots)
+                key for key in set(info["missing_keys"]) | set(info["unexpected_keys"]) if key.split(".")[0] not in HEAD_ROOTS
             )
+            if "lm_head.weight" in info["missing_keys"] and not model.config.tie_word_embeddings:
+                raise ValueError(
+                    f"The checkpoint at {pretrained_model_name_or_path!r} has no LM head weights (it was saved with tied "
+                    "word embeddings) but the config says tie_word_embeddings=False: the head would be random. Load it "
+                    "with tie_word_embeddings=True, or pass strict_architecture=False to train a new head."
+                )
             if body:
                 raise ValueError(
                     f"The checkpoint at {pretrained_model_name_or_path!r} does not match this model's architecture "
@@ -323,6 +328,16 @@ class ChiarPreTrainedModel(PreTrainedModel):
                 f"The checkpoint at {pretrained_model_name_or_path!r} holds NaN or infinite values in {bad[:4]}: routing "
                 "statistics are corrupt (a training step on non-finite data?). Load an earlier checkpoint or recalibrate."
             )
+        base = getattr(model, model.base_model_prefix, model)
+        if isinstance(base, ChiarModel) and pretrained_model_name_or_path is not None:
+            checkpoint_targets = None
+            if "router_target_fractions" in kwargs:
+                saved = ChiarConfig.from_pretrained(pretrained_model_name_or_path).router_target_fractions
+                if saved != model.config.router_target_fractions:
+                    checkpoint_targets = saved
+            changes = reconcile_loaded_thresholds(base.routers(), model.config, "router_thresholds" in kwargs, checkpoint_targets)
+            for change in changes:
+                logger.warning(f"Loading {pretrained_model_name_or_path}: {change}.")
         return (model, info) if want_info else model
 
     @torch.no_grad()
@@ -409,8 +424,8 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
     def report_skipped_updates(self):
         """Threshold-router updates refused since the model was built (batches with NaN or infinite hidden
         states), logged once per new refusal. Read outside the forward pass: by `eval()` and saving."""
-        counts = [r.skipped_updates for r in self.routers() if calibrates(r)]
-        total = int(torch.stack(counts).sum()) if counts else 0
+        counts = [r.skipped_updates for r in self.routers() if calibrates(r) and not r.skipped_updates.is_meta]
+        total = int(torch.stack([c.to(counts[0].device) for c in counts]).sum()) if counts else 0
         if total > getattr(self, "_skipped_reported", 0):
             logger.warning(
                 f"{total - getattr(self, '_skipped_reported', 0)} routing-statistics update(s) were skipped: a batch had NaN or "
@@ -824,8 +839,12 @@ class ChiarForCausalLM(ChiarPreTrainedModel, GenerationMixin):
             inputs["inputs_embeds"] = inputs_embeds[:, seen:]
             inputs["input_ids"] = None
         else:
-            total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
-            length = next_sequence_length if next_sequence_length is not None else total - seen
+            if next_sequence_length is not None:
+                length = next_sequence_length
+            elif attention_mask is not None:  # the mask covers every token, seen and new
+                length = attention_mask.shape[1] - seen
+            else:  # the whole sequence so far, or (a chunked prefill) only the next chunk
+                length = input_ids.shape[1] - seen if input_ids.shape[1] > seen else input_ids.shape[1]
             new_ids = input_ids[:, input_ids.shape[1] - length :]
             inputs["input_ids"] = new_ids.clone(memory_format=torch.contiguous_format)
         if position_ids is not None:

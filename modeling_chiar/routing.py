@@ -347,6 +347,43 @@ def reported_thresholds(router):
     return router.thresholds.detach().clone() if isinstance(router, ThresholdRouter) else None
 
 
+@torch.no_grad()
+def reconcile_loaded_thresholds(routers, config, thresholds_given, checkpoint_targets):
+    """After a checkpoint loads, make its threshold buffers agree with the config they run under.
+
+    - Fixed thresholds (`config.router_thresholds`) that differ from the loaded buffers: the caller's
+      values win when given to `from_pretrained` (`thresholds_given`); a checkpoint whose own
+      config.json and buffers disagree is refused.
+    - Target fractions changed at load (`checkpoint_targets`: the checkpoint's own, when they differ):
+      calibrated thresholds route the old shares, so they restart from the Gaussian quantiles of the
+      new targets and recalibrate in training. Returns what was changed, for the log.
+    """
+    changes = []
+    for i, router in enumerate(routers):
+        if not isinstance(router, ThresholdRouter):
+            continue
+        if config.router_thresholds is not None:
+            fixed = torch.tensor(config.router_thresholds, dtype=torch.float32, device=router.thresholds.device)
+            if torch.allclose(router.thresholds, fixed) and torch.allclose(router.train_thresholds, fixed):
+                continue
+            if not thresholds_given:
+                raise ValueError(
+                    f"The checkpoint's config fixes router_thresholds={config.router_thresholds}, but layer {i}'s saved "
+                    f"thresholds are {router.thresholds.tolist()}: the checkpoint disagrees with itself. Pass "
+                    "router_thresholds=... to choose, or fix config.json."
+                )
+            router.thresholds.copy_(fixed)
+            router.train_thresholds.copy_(fixed)
+            changes.append(f"layer {i}: thresholds set to router_thresholds={config.router_thresholds}")
+        elif checkpoint_targets is not None:
+            start = initial_thresholds(config).to(router.thresholds.device)
+            router.thresholds.copy_(start)
+            router.train_thresholds.copy_(start)
+            router.num_updates.zero_()
+            changes.append(f"layer {i}: thresholds calibrated for {checkpoint_targets} restart for the new targets")
+    return changes
+
+
 def _init_functions():
     from transformers import initialization  # transformers' init helpers honour its "already initialised" flags
 

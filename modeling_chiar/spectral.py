@@ -23,7 +23,7 @@ def spectral_entropy_from_coefficients(coefficients):
 
     Computed in fp32 without gradient: p log p has an infinite slope at p = 0, and routing only needs
     the value. The zero vector (no spectrum) gets entropy 1, the maximum-uncertainty value, and huge
-    inputs are rescaled before squaring so nothing overflows. Only a non-finite input gives NaN.
+    inputs are rescaled before squaring so nothing overflows.
     """
     with torch.no_grad():
         tiny = torch.finfo(torch.float32).tiny
@@ -40,16 +40,18 @@ def spectral_entropy_from_coefficients(coefficients):
         power_log_power = power.clamp_min(tiny).log_().mul_(power).sum(dim=-1)
         safe_total = total.clamp_min(tiny)
         entropy = (safe_total.log() - power_log_power / safe_total) / math.log(coefficients.shape[-1])
-        # A non-finite input (NaN, infinity) has no spectrum: NaN, which routes nowhere special (every
-        # comparison is false) and which share control refuses to learn from.
-        return torch.where(total > 0, entropy, torch.where(total == 0, 1.0, math.nan)).clamp(0.0, 1.0)
+        return torch.where(total > 0, entropy, 1.0).clamp(0.0, 1.0)
 
 
 def spectral_entropy(x, dct=None):
-    """H(x) of spec/CHIAR.md for hidden vectors x (..., d)."""
+    """H(x) of docs/architecture.md for hidden vectors x (..., d), in [0, 1] for every finite x; NaN
+    where x holds NaN or infinity (no spectrum: it routes nowhere special, every comparison being
+    false, and share control refuses to learn from it)."""
     if dct is None:
         dct = dct_matrix(x.shape[-1], device=x.device)
-    return spectral_entropy_from_coefficients(x.float() @ dct.float().T)
+    with torch.no_grad():
+        entropy = spectral_entropy_from_coefficients(x.float() @ dct.float().T)
+        return torch.where(torch.isfinite(x).all(dim=-1), entropy, math.nan)
 
 
 def gaussian_entropy_quantiles(hidden_size, quantiles, num_samples=8192, seed=0):

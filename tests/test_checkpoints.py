@@ -145,3 +145,34 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     # Asking for the loading report means reading it yourself, as with any transformers model.
     _, info = ChiarForCausalLM.from_pretrained(tmp_path, layer_schedule=["attention"] * 4, output_loading_info=True)
     assert any("attention.q_proj" in key for key in info["missing_keys"])
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path):
+    """A post-norm config on a pre-norm checkpoint (the final norm's weights unused), and untied word
+    embeddings on a checkpoint saved tied (a random LM head), fail loudly instead of loading."""
+    model = calibrated(ChiarForCausalLM, "threshold-dct+attention")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match this model's architecture.*model.norm"):
+        ChiarForCausalLM.from_pretrained(tmp_path, norm_position="post")
+    with pytest.raises(ValueError, match="no LM head weights.*tie_word_embeddings=False"):
+        ChiarForCausalLM.from_pretrained(tmp_path, tie_word_embeddings=False)
+    ChiarForCausalLM.from_pretrained(tmp_path, tie_word_embeddings=False, strict_architecture=False)  # asked for
+
+
+def test_routing_settings_given_at_load_win_over_the_checkpoints_buffers(tmp_path):
+    model = calibrated(ChiarForCausalLM, "threshold-dct+rbf+attention")
+    model.save_pretrained(tmp_path)
+    fixed = ChiarForCausalLM.from_pretrained(tmp_path, router_thresholds=[0.7, 0.9]).model.layers[1].mixer.router
+    assert fixed.thresholds.tolist() == pytest.approx([0.7, 0.9]) and not fixed.calibrate
+    targets = {"dct": 0.5, "rbf": 0.25, "attention": 0.25}
+    retargeted = ChiarForCausalLM.from_pretrained(tmp_path, router_target_fractions=targets)
+    router = retargeted.model.layers[1].mixer.router
+    assert int(router.num_updates) == 0 and router.quantile_levels == pytest.approx([0.5, 0.75])
+    from modeling_chiar.routing import initial_thresholds
+
+    assert torch.equal(router.thresholds, initial_thresholds(retargeted.config))
+    # A checkpoint whose own config.json fixes thresholds its buffers do not hold is refused.
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "router_thresholds": [0.7, 0.9]}))
+    with pytest.raises(ValueError, match="disagrees with itself"):
+        ChiarForCausalLM.from_pretrained(tmp_path)

@@ -131,6 +131,13 @@ def test_chunked_prefill_in_generate_equals_one_prefill(variant):
                              return_dict_in_generate=True, prefill_chunk_size=5)
     assert fed == [5, 5, 3, 1, 1, 1]  # the prompt in three chunks, then one token per step
     same_steps(chunked, whole)
+    # An unpadded prompt without a mask: generate() then passes each chunk alone.
+    whole = greedy(model, ids, torch.ones_like(ids), steps=4)
+    fed.clear()
+    chunked = model.generate(ids, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                             prefill_chunk_size=5)
+    assert fed == [5, 5, 3, 1, 1, 1]
+    same_steps(chunked, whole)
 
 
 def test_generate_returns_scores_attentions_and_hidden_states_per_step():
@@ -218,6 +225,14 @@ def test_cache_errors():
     filled.update(torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8), 0)
     with pytest.raises(ValueError, match="ChiarCache"):
         model(random_ids(1, 2), cache=filled)
+    # Another model's cache (other depth, schedule or width) is refused, not read as this model's state.
+    for other in (dict(num_hidden_layers=3, layer_schedule=None), dict(layer_schedule=["dct", "routed", "attention", "attention"]),
+                  dict(hidden_size=64)):
+        foreign = lm("threshold-dct+rbf+attention", **other)
+        with pytest.raises(ValueError, match="made for another model"):
+            foreign(random_ids(1, 1), cache=cache)
+    with pytest.raises(ValueError, match="past tokens per row"):  # a mask for other past tokens than the cache's
+        model(random_ids(1, 1), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]]), cache=cache)
 
 
 def test_text_generation_pipeline():

