@@ -100,7 +100,7 @@ def parse_args(argv):
         asked = json.loads(open(argv[0]).read()).keys()
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        asked = [arg.lstrip("-").split("=")[0] for arg in argv]
+        asked = [arg.lstrip("-").split("=")[0].replace("-", "_") for arg in argv]  # --learning-rate is --learning_rate
     # TrainingArguments turns do_eval on by itself when an eval strategy is set: look at what was asked.
     defaults = not any(flag in asked for flag in ("do_train", "do_eval", "do_predict"))
     if defaults:  # built-in defaults: train, evaluate, and test when there is a test split

@@ -121,7 +121,7 @@ def get_tokenizer(model_args, training_args, train_texts):
 
 def apply_config_overrides(config, overrides):
     """`--config_overrides "hidden_size=128,router_type=learned"` on a config, values parsed as JSON when
-    they parse. The config is rebuilt, so fields derived from others follow them: changing
+    they parse (and True / False / None as Python spells them). The config is rebuilt, so fields derived from others follow them: changing
     `routed_operators` resets `router_target_fractions` to that set's defaults, and changing
     `num_hidden_layers` resets `layer_schedule`, unless those are overridden too."""
     if not overrides:
@@ -137,8 +137,8 @@ def apply_config_overrides(config, overrides):
             raise ArgumentError(f"--config_overrides: the config has no field {key!r}.")
         try:
             values[key] = json.loads(value)
-        except json.JSONDecodeError:
-            values[key] = value
+        except json.JSONDecodeError:  # Python's spellings as the stock scripts read them, else a string
+            values[key] = {"True": True, "False": False, "None": None}.get(value, value)
     settings = {**config.to_dict(), **values}
     derived = {"routed_operators": "router_target_fractions", "num_hidden_layers": "layer_schedule"}
     for source, target in derived.items():

@@ -188,3 +188,15 @@ def test_torch_compile_trains_evaluates_and_saves(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert int(model.model.layers[1].mixer.router.num_updates) == 8  # calibrated in every compiled step
+
+
+def test_stock_spellings_are_honoured():
+    """Hyphenated flags count as given (the scratch defaults do not overwrite them), and
+    --config_overrides reads Python's True / False / None as the stock scripts do."""
+    from chiar.training import apply_config_overrides
+    from modeling_chiar import ChiarConfig
+
+    _, _, training_args, _ = run_clm.parse_args(["--output_dir", "out", "--learning-rate", "2e-5", "--report_to", "none"])
+    assert training_args.learning_rate == 2e-5
+    config = apply_config_overrides(ChiarConfig(), "use_cache=False,use_meta_router=True,router_thresholds=None")
+    assert config.use_cache is False and config.use_meta_router is True and config.router_thresholds is None
