@@ -35,17 +35,18 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_chiar  # noqa: F401  (registers CHIAR with the Auto classes)
 from chiar.callbacks import RoutingLoggingCallback
+from chiar.data import ArgumentError, check_text_column, load_raw_datasets, source_of
 from chiar.training import (
-    ArgumentError,
     ChiarTrainer,
     apply_config_overrides,
-    check_column,
+    check_output_dir,
+    checkpoint_to_resume,
     get_tokenizer,
-    load_raw_datasets,
+    hub_kwargs,
+    model_dtype,
     prepare_training_args,
     resolve_config,
 )
@@ -72,7 +73,13 @@ class ModelArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "Any HF tokenizer; default: the model's, else one trained here."})
     tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary of the byte-level BPE trained when no tokenizer is given."})
     cache_dir: str | None = field(default=None)
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer when loading one."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --model_name_or_path on the Hub."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets (default: `hf auth login`'s)."})
     trust_remote_code: bool = field(default=False)
+    dtype: str | None = field(default=None, metadata={"help": "auto, float32, float16 or bfloat16 (weights' dtype at load)."})
+    torch_dtype: str | None = field(default=None, metadata={"help": "The older name of --dtype."})
+    low_cpu_mem_usage: bool = field(default=False, metadata={"help": "Accepted for the stock scripts; transformers 5 always loads this way."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager or sdpa"})
 
 
@@ -83,6 +90,7 @@ class DataTrainingArguments:
     train_file: str | None = field(default=None, metadata={"help": "text (.txt/.tokens), json/jsonl or csv, optionally .gz"})
     validation_file: str | None = field(default=None)
     test_file: str | None = field(default=None)
+    streaming: bool = field(default=False, metadata={"help": "Stream the data instead of loading it (needs --max_steps and a validation split)."})
     text_column_name: str = field(default="text")
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the number of training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the number of evaluation and test blocks."})
@@ -119,21 +127,19 @@ def main(argv=None):
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     set_seed(training_args.seed)
-
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and not getattr(training_args, "overwrite_output_dir", False):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.warning(f"Resuming from {last_checkpoint}; use a new --output_dir to start over.")
+    check_output_dir(training_args.output_dir)
 
     # --- data, checked before anything expensive ---
-    raw = load_raw_datasets(data_args, model_args.cache_dir, OFFLINE_HINT)
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ArgumentError("--streaming needs --max_steps: a stream's length is not known in advance.")
+    raw = load_raw_datasets(data_args, model_args.cache_dir, OFFLINE_HINT, token=model_args.token)
+    for name in raw:
+        check_text_column(raw[name], data_args.text_column_name, source_of(data_args, name))
     if "validation" not in raw and "train" in raw:
+        if data_args.streaming:
+            raise ArgumentError("--streaming needs a validation split (--validation_file): a stream cannot be split.")
         split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=training_args.seed)
         raw["train"], raw["validation"] = split["train"], split["test"]
-    for name in ("train", "validation", "test"):
-        if name in raw:
-            check_column(raw[name], data_args.text_column_name, "--text_column_name")
     if training_args.do_train and "train" not in raw:
         raise ArgumentError("--do_train needs training data (--train_file or a dataset with a train split).")
     if training_args.do_predict and "test" not in raw:
@@ -143,11 +149,13 @@ def main(argv=None):
 
     # --- tokenizer and model ---
     text_column = data_args.text_column_name
-    tokenizer = get_tokenizer(
-        model_args, training_args, lambda: (t for t in raw["train"][text_column] if t.strip())
-    )
+    def train_texts():
+        texts = (row[text_column] for row in raw["train"]) if data_args.streaming else raw["train"][text_column]
+        return (text for text in texts if text.strip())
+
+    tokenizer = get_tokenizer(model_args, training_args, train_texts)
     if model_args.model_name_or_path:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
     else:
         if model_args.config_name or model_args.model_type == "chiar":
             config = AutoConfig.from_pretrained(resolve_config(model_args.config_name or "chiar-tiny"))
@@ -164,11 +172,13 @@ def main(argv=None):
 
     if model_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
-            trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation,
+            model_args.model_name_or_path, config=config, attn_implementation=model_args.attn_implementation,
+            dtype=model_dtype(model_args), **hub_kwargs(model_args),
         )
     else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation)
+        dtype = model_dtype(model_args)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=model_args.attn_implementation,
+                                                 dtype=None if dtype == "auto" else dtype)
         logger.info(f"New model from scratch: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -185,20 +195,29 @@ def main(argv=None):
         return result
 
     with training_args.main_process_first(desc="tokenizing and grouping"):
-        columns = raw["train" if "train" in raw else "validation"].column_names
-        tokenized = raw.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers, remove_columns=columns,
-                            load_from_cache_file=not data_args.overwrite_cache, desc="Tokenizing")
-        blocks = tokenized.map(group_texts, batched=True, num_proc=data_args.preprocessing_num_workers,
-                               load_from_cache_file=not data_args.overwrite_cache, desc=f"Grouping into blocks of {block_size}")
+        first = raw["train" if "train" in raw else "validation"]
+        columns = first.column_names or list(next(iter(first)))  # a stream may not know its columns before reading
+        if data_args.streaming:  # lazily, as the Trainer reads
+            blocks = raw.map(tokenize, batched=True, remove_columns=columns).map(group_texts, batched=True)
+        else:
+            tokenized = raw.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers, remove_columns=columns,
+                                load_from_cache_file=not data_args.overwrite_cache, desc="Tokenizing")
+            blocks = tokenized.map(group_texts, batched=True, num_proc=data_args.preprocessing_num_workers,
+                                   load_from_cache_file=not data_args.overwrite_cache, desc=f"Grouping into blocks of {block_size}")
 
     def limited(split, limit):
         data = blocks[split]
+        if data_args.streaming:
+            return data.take(limit) if limit is not None else data
         return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+    def size(data):
+        return len(data) if hasattr(data, "__len__") else None
 
     train_dataset = limited("train", data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = limited("validation", data_args.max_eval_samples) if training_args.do_eval else None
     for name, data in (("train", train_dataset), ("validation", eval_dataset)):
-        if data is not None and len(data) == 0:
+        if data is not None and size(data) == 0:
             raise ArgumentError(f"the {name} split has fewer than block_size={block_size} tokens.")
 
     trainer = ChiarTrainer(
@@ -212,18 +231,19 @@ def main(argv=None):
     )
 
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args, model.config))
         trainer.save_model()  # model, calibrated router thresholds, code files, tokenizer
         metrics = result.metrics
-        metrics["train_samples"] = len(train_dataset)
+        if size(train_dataset) is not None:  # a stream has no length
+            metrics["train_samples"] = size(train_dataset)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
 
     if training_args.do_eval:
         metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
+        if size(eval_dataset) is not None:  # a stream has no length
+            metrics["eval_samples"] = size(eval_dataset)
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -231,7 +251,8 @@ def main(argv=None):
     if training_args.do_predict:
         test_dataset = limited("test", data_args.max_eval_samples)
         metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
-        metrics["test_samples"] = len(test_dataset)
+        if size(test_dataset) is not None:  # a stream has no length
+            metrics["test_samples"] = size(test_dataset)
         trainer.log_metrics("test", metrics)
         trainer.save_metrics("test", metrics)
     return trainer

@@ -9,6 +9,10 @@ At each evaluation it
 - renders a fixed sample text (see `chiar.routing_viz`) to `{output_dir}/routing/step-{N}.png`,
   and to TensorBoard (`add_figure`) when tensorboard is installed (skipped quietly otherwise).
 
+It warns when a routed layer's evaluation share of an operator is more than `share_tolerance` (the
+spec's 0.05) from `router_target_fractions`: thresholds calibrated on other data, or a router that
+drifted, change what the model costs and how it behaves, and say nothing otherwise.
+
 Only the main process renders; the model is put back in the mode it was in.
 """
 
@@ -39,7 +43,9 @@ def _summary_writer(log_dir):
 class RoutingLoggingCallback(TrainerCallback):
     """Log routing shares and entropy at each evaluation, and render a sample text (PNG, TensorBoard)."""
 
-    def __init__(self, sample_text=SAMPLE_TEXT, tokenizer=None, subdir="routing", tensorboard=True, max_length=256):
+    def __init__(self, sample_text=SAMPLE_TEXT, tokenizer=None, subdir="routing", tensorboard=True, max_length=256,
+                 share_tolerance=0.05):
+        self.share_tolerance = share_tolerance
         self.sample_text = sample_text
         self.tokenizer = tokenizer
         self.subdir = subdir
@@ -58,7 +64,12 @@ class RoutingLoggingCallback(TrainerCallback):
             logger.info("routing at step %d:\n%s", state.global_step, format_layers(layers))
             with open(folder / "history.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state.global_step, "layers": {str(k): v for k, v in layers.items()}}) + "\n")
+            config = getattr(getattr(model, "module", model), "config", None)
+            for problem in off_target(layers, config, self.share_tolerance):
+                logger.warning("routing at step %d: %s", state.global_step, problem)
         tokenizer = self.tokenizer or processing_class or kwargs.get("tokenizer")
+        if getattr(getattr(getattr(model, "module", model), "config", None), "model_type", None) != "chiar":
+            return  # another Transformers model: nothing to render
         if self._disabled or model is None or tokenizer is None or not hasattr(tokenizer, "decode"):
             return
         try:
@@ -90,6 +101,22 @@ class RoutingLoggingCallback(TrainerCallback):
             self._writer = None
 
 
+def off_target(layers, config, tolerance=0.05):
+    """Sentences for each routed layer whose share of an operator is more than `tolerance` from its target."""
+    if config is None or not getattr(config, "uses_routing", False):
+        return []
+    problems = []
+    for layer, values in layers.items():
+        if layer >= len(config.layer_schedule) or config.layer_schedule[layer] != "routed":
+            continue
+        for operator, target in config.router_target_fractions.items():
+            share = values.get("shares", {}).get(operator)
+            if share is not None and abs(share - target) > tolerance:
+                problems.append(f"layer {layer} sent {share:.3f} of its tokens to {operator}, target {target:.3f} "
+                                f"(router_target_fractions); more than {tolerance} off, so its cost and behaviour are not the intended ones.")
+    return problems
+
+
 def format_layers(layers):
     lines = []
     for layer, values in layers.items():
@@ -99,4 +126,4 @@ def format_layers(layers):
     return "\n".join(lines)
 
 
-__all__ = ["RoutingLoggingCallback", "routing_metrics", "SAMPLE_TEXT"]
+__all__ = ["RoutingLoggingCallback", "off_target", "routing_metrics", "SAMPLE_TEXT"]

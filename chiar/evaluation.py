@@ -87,3 +87,35 @@ def routing_metrics(metrics):
         else:
             layers.setdefault(int(match.group(4)), {})["mean_entropy"] = value
     return dict(sorted(layers.items()))
+
+
+CLASSIFICATION_METRICS = {"single_label": ("accuracy", "f1", "precision", "recall"), "multi_label": ("f1", "accuracy", "precision", "recall"),
+                          "regression": ("mse", "mae")}
+
+
+def classification_metrics(task, logits, labels):
+    """The metrics `run_classification.py` reports, computed here (no downloads). Single-label:
+    accuracy and macro-averaged F1 / precision / recall; multi-label (a label is predicted where its
+    logit is > 0): micro-averaged F1 / precision / recall and exact-match accuracy; regression: MSE
+    and MAE of the one output."""
+    import numpy as np
+
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    if task == "regression":
+        error = np.squeeze(logits, -1) - labels
+        return {"mse": float((error**2).mean()), "mae": float(np.abs(error).mean())}
+    if task == "multi_label":
+        predicted, gold = logits > 0, labels > 0.5
+        hits = float((predicted & gold).sum())
+        precision, recall = hits / max(float(predicted.sum()), 1.0), hits / max(float(gold.sum()), 1.0)
+        return {"f1": 2 * precision * recall / max(precision + recall, 1e-12), "precision": precision, "recall": recall,
+                "accuracy": float((predicted == gold).all(-1).mean())}
+    predicted = np.argmax(logits, axis=-1)
+    scores = []
+    for label in range(logits.shape[-1]):
+        hits = float(((predicted == label) & (labels == label)).sum())
+        precision = hits / max(float((predicted == label).sum()), 1.0)
+        recall = hits / max(float((labels == label).sum()), 1.0)
+        scores.append((precision, recall, 2 * precision * recall / max(precision + recall, 1e-12)))
+    precision, recall, f1 = (float(np.mean(column)) for column in zip(*scores))
+    return {"accuracy": float((predicted == labels).mean()), "f1": f1, "precision": precision, "recall": recall}

@@ -10,6 +10,9 @@ From Python: `save_for_hub(model, out_dir, tokenizer=..., evaluation=..., routin
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -170,6 +173,48 @@ def _usage(class_name, repo_id):
     ])
 
 
+def _load_checkpoint(source, tokenizer_source=None):
+    """A saved CHIAR model (folder or Hub id) and its tokenizer, or one line saying why not."""
+    import modeling_chiar  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(source)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise SystemExit(f"error: {source} has no config.json: not a saved model folder.")
+    if not folder.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise SystemExit(f"error: model folder not found: {source}")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot read a model config from {source!r}: {str(error).splitlines()[0]}") from error
+    if config.model_type != "chiar":
+        raise SystemExit(f"error: {source} holds a {config.model_type!r} model; chiar-export writes CHIAR checkpoints only.")
+    architectures = getattr(config, "architectures", None) or ["ChiarForCausalLM"]
+    auto = AutoModelForSequenceClassification if "SequenceClassification" in architectures[0] else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot load the model in {source!r}: {str(error).splitlines()[0]}") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source)
+    except (OSError, ValueError) as error:
+        if tokenizer_source:
+            raise SystemExit(f"error: cannot load the tokenizer {tokenizer_source!r}: {error}") from error
+        tokenizer = None
+    return model, tokenizer
+
+
+def _read_json(path, flag):
+    if path is None:
+        return None
+    if not path.is_file():
+        raise SystemExit(f"error: {flag}: file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: {flag} {path} is not valid JSON ({error}).") from error
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write a Hub-ready folder (weights, code, tokenizer, model card) for a CHIAR checkpoint.")
     parser.add_argument("model", help="a saved CHIAR model folder (or Hub id)")
@@ -183,29 +228,36 @@ def main(argv=None):
     parser.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)
 
-    import modeling_chiar  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(args.model)
-    architectures = getattr(config, "architectures", None) or ["ChiarForCausalLM"]
-    auto = AutoModelForSequenceClassification if "SequenceClassification" in architectures[0] else AutoModelForCausalLM
-    model = auto.from_pretrained(args.model)
-    tokenizer = None
+    # Everything is read and checked before anything is written, and the folder is written beside
+    # the output and moved into place: a failure leaves no half-written output folder.
+    model, tokenizer = _load_checkpoint(args.model, args.tokenizer)
+    evaluation = _read_json(args.eval_results, "--eval-results")
+    routing_statistics = _read_json(args.routing_stats, "--routing-stats")
+    for flag, value in (("--eval-results", evaluation), ("--routing-stats", routing_statistics)):
+        if value is not None and not isinstance(value, dict):
+            raise SystemExit(f"error: {flag} holds a JSON {type(value).__name__}, not the object the scripts write.")
+    if args.push and not args.repo_id:
+        raise SystemExit("error: --push needs --repo-id")
+    if args.output.exists() and not args.output.is_dir():
+        raise SystemExit(f"error: the output {args.output} is a file, not a folder.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    except (OSError, ValueError) as error:
-        if args.tokenizer:
-            raise SystemExit(f"Cannot load the tokenizer {args.tokenizer!r}: {error}")
-    evaluation = json.loads(args.eval_results.read_text()) if args.eval_results else None
-    if args.routing_stats and not args.routing_stats.is_file():
-        raise SystemExit(f"--routing-stats: file not found: {args.routing_stats}")
-    routing_statistics = json.loads(args.routing_stats.read_text(encoding="utf-8")) if args.routing_stats else None
-    path = save_for_hub(model, args.output, tokenizer=tokenizer, evaluation=evaluation, datasets=args.dataset, repo_id=args.repo_id,
-                        routing_statistics=routing_statistics)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=args.output.parent, prefix=f".{args.output.name}.partial-"))
+    except OSError as error:
+        raise SystemExit(f"error: cannot write the output {args.output} ({error.strerror or error}).") from error
+    try:
+        save_for_hub(model, staging, tokenizer=tokenizer, evaluation=evaluation, datasets=args.dataset, repo_id=args.repo_id,
+                     routing_statistics=routing_statistics)
+        args.output.mkdir(exist_ok=True)
+        for item in staging.iterdir():
+            if (args.output / item.name).is_dir():
+                shutil.rmtree(args.output / item.name)
+            os.replace(item, args.output / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    path = args.output
     print(f"wrote {path}: {', '.join(sorted(p.name for p in path.iterdir()))}")
     if args.push:
-        if not args.repo_id:
-            raise SystemExit("--push needs --repo-id")
         from huggingface_hub import HfApi
 
         api = HfApi()

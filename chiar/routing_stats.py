@@ -13,7 +13,6 @@ report gives the attention share of function words, punctuation and other tokens
 next to the overall share that any routing (random included) would give them on average.
 """
 
-import gzip
 import json
 import math
 import string
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from chiar.data import read_records
 from chiar.routing_viz import OPERATOR_COLORS, eval_mode, load_model
 
 # Common English function words (articles, prepositions, conjunctions, pronouns, auxiliaries).
@@ -37,54 +37,6 @@ ENTROPY_BINS = 2000  # fine bins over [0, 1]: routing thresholds sit within 1e-3
 
 # --------------------------------------------------------------------------------------------
 # inputs
-
-
-def _open_text(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Data file not found: {str(path)!r}.")
-    opener = gzip.open if path.suffix == ".gz" else open
-    return opener(path, "rt", encoding="utf-8")
-
-
-def _format(path):
-    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() not in (".gz",)]
-    return {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}.get(suffixes[-1] if suffixes else "", "text")
-
-
-def read_records(paths, text_column="text", label_column=None, whole_file=False):
-    """Dicts {"text": ..., ["label": ...]} from local files.
-
-    Plain text (.txt, .tokens, anything else): one document per non-empty line, or the whole file as
-    one document with `whole_file=True`. JSON lines / JSON list / CSV: `text_column` (and
-    `label_column`) of each row. `.gz` files are read as they are.
-    """
-    import csv
-
-    for path in paths:
-        kind = _format(path)
-        with _open_text(path) as handle:
-            if kind == "text":
-                if whole_file:
-                    text = handle.read()
-                    rows = [{text_column: text}] if text.strip() else []
-                else:
-                    rows = ({text_column: line.rstrip("\n")} for line in handle if line.strip())
-            elif kind == "jsonl":
-                rows = (json.loads(line) for line in handle if line.strip())
-            elif kind == "json":
-                rows = json.load(handle)
-            else:
-                rows = csv.DictReader(handle)
-            for n, row in enumerate(rows):
-                if text_column not in row:
-                    raise KeyError(f"{path}: row {n} has no column {text_column!r} (columns: {sorted(row)}).")
-                record = {"text": row[text_column]}
-                if label_column is not None:
-                    if label_column not in row:
-                        raise KeyError(f"{path}: row {n} has no label column {label_column!r} (columns: {sorted(row)}).")
-                    record["label"] = row[label_column]
-                yield record
 
 
 def read_documents(paths, whole_file=False, text_column="text"):

@@ -1,25 +1,26 @@
-"""What run_clm.py and run_classification.py share: named configs, data loading with early checks,
-a locally trained tokenizer, and a Trainer that reports routing next to the loss."""
+"""What run_clm.py and run_classification.py share: named configs, checks of the output folder and
+of a checkpoint to resume, a locally trained tokenizer, and a Trainer that reports routing next to
+the loss. Data files and their checks live in chiar/data.py."""
 
+import json
+import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast, Trainer
 
+from chiar.data import ArgumentError
 from chiar.evaluation import RoutingAccumulator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-TEXT_EXTENSIONS = {"txt": "text", "tokens": "text", "raw": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv"}
 SPECIAL_TOKEN = "<|endoftext|>"
-
-
-class ArgumentError(SystemExit):
-    """A bad command-line argument, reported before any work starts."""
-
-    def __init__(self, message):
-        super().__init__(f"error: {message}")
+# Config entries that differ between two runs of one model without changing it.
+NOT_THE_MODEL = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation",
+                 "_attn_implementation_autoset", "auto_map", "_commit_hash"}
+logger = logging.getLogger(__name__)
 
 
 def resolve_config(name):
@@ -34,49 +35,45 @@ def resolve_config(name):
     raise ArgumentError(f"--config_name {name!r} is neither a file nor a shipped config ({available}).")
 
 
-def builder_for(path):
-    """datasets builder for a local file: text, json(l) or csv, optionally gzip-compressed."""
-    suffixes = [s.lstrip(".").lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in ("gz", "gzip", "bz2", "xz", "zst"):
-        suffixes = suffixes[:-1]
-    if not suffixes or suffixes[-1] not in TEXT_EXTENSIONS:
-        raise ArgumentError(f"cannot tell the format of {path!r}: use .txt/.tokens, .json/.jsonl or .csv (optionally .gz).")
-    return TEXT_EXTENSIONS[suffixes[-1]]
-
-
-def load_raw_datasets(data_args, cache_dir=None, hub_hint=""):
-    """Hub dataset (`dataset_name`) or local files (train/validation/test), checked before loading."""
-    from datasets import load_dataset
-
-    files = {
-        split: getattr(data_args, f"{split}_file")
-        for split in ("train", "validation", "test")
-        if getattr(data_args, f"{split}_file", None)
-    }
-    if files:
-        missing = [f"--{split}_file {path}" for split, path in files.items() if not Path(path).is_file()]
-        if missing:
-            raise ArgumentError(f"file not found: {', '.join(missing)}")
-        builders = {builder_for(path) for path in files.values()}
-        if len(builders) > 1:
-            raise ArgumentError(f"all data files must have one format, got {sorted(builders)}.")
-        builder = builders.pop()
-        kwargs = {"keep_linebreaks": getattr(data_args, "keep_linebreaks", True)} if builder == "text" else {}
-        return load_dataset(builder, data_files=files, cache_dir=cache_dir, **kwargs)
-    if not data_args.dataset_name:
-        raise ArgumentError("pass --dataset_name or --train_file/--validation_file.")
+def check_output_dir(path):
+    """The output folder exists or can be made, and a file can be written in it: checked first, so a
+    run does not train and then fail to save."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ArgumentError(f"--output_dir {path} is a file, not a folder.")
     try:
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    except Exception as error:  # no network, unknown name: say what to do instead
-        raise ArgumentError(
-            f"could not load the dataset {data_args.dataset_name!r} ({data_args.dataset_config_name}) from the Hugging Face "
-            f"Hub: {type(error).__name__}: {str(error)[:200]}. Offline, point to local files instead{hub_hint}."
-        ) from error
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ArgumentError(f"--output_dir {path} is not writable ({error.strerror or error}).") from error
 
 
-def check_column(dataset, column, flag):
-    if column not in dataset.column_names:
-        raise ArgumentError(f"{flag} {column!r} is not a column of the data; columns: {dataset.column_names}.")
+def checkpoint_to_resume(training_args, config):
+    """--resume_from_checkpoint, else the last checkpoint in --output_dir (as the stock scripts do),
+    once it is shown to come from a model of this config: resuming another model's weights and
+    optimizer state would fail deep in `load_state_dict`, or train a mix of two runs."""
+    checkpoint, found = training_args.resume_from_checkpoint, False
+    if checkpoint is None and os.path.isdir(training_args.output_dir):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint, found = get_last_checkpoint(training_args.output_dir), True
+    if checkpoint is None:
+        return None
+    flag = f"--output_dir {training_args.output_dir} holds {os.path.basename(checkpoint)}" if found else f"--resume_from_checkpoint {checkpoint}"
+    try:
+        saved = json.loads(type(config).from_json_file(os.path.join(checkpoint, "config.json")).to_json_string(use_diff=False))
+    except (OSError, ValueError, TypeError) as error:
+        raise ArgumentError(f"{flag}, which cannot be resumed: its config.json is missing or unreadable ({error}).") from error
+    current = json.loads(config.to_json_string(use_diff=False))
+    differ = [key for key in sorted(set(saved) | set(current)) if key not in NOT_THE_MODEL and saved.get(key) != current.get(key)]
+    if differ:
+        shown = "; ".join(f"{key}: {saved.get(key)!r} there, {current.get(key)!r} now" for key in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        advice = "use a new --output_dir to start over" if found else "resume with the config that checkpoint was trained with"
+        raise ArgumentError(f"{flag}, from a model with another config ({shown}{more}); {advice}.")
+    if found:
+        logger.warning(f"Resuming from {checkpoint}, found in --output_dir; use a new --output_dir to start over.")
+    return checkpoint
 
 
 def train_tokenizer(texts, vocab_size, save_dir=None):
@@ -101,6 +98,22 @@ def train_tokenizer(texts, vocab_size, save_dir=None):
     return wrapped
 
 
+def hub_kwargs(model_args):
+    """The stock scripts' loading flags, for every `from_pretrained` of a config, tokenizer or model."""
+    return {"cache_dir": model_args.cache_dir, "revision": getattr(model_args, "model_revision", "main"),
+            "token": getattr(model_args, "token", None), "trust_remote_code": model_args.trust_remote_code}
+
+
+def model_dtype(model_args):
+    """`--dtype` (or the older `--torch_dtype`): "auto", a dtype name, or None (float32)."""
+    name = getattr(model_args, "dtype", None) or getattr(model_args, "torch_dtype", None)
+    if name in (None, "auto"):
+        return name
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ArgumentError(f"--dtype {name!r}: use auto, float32, float16 or bfloat16.")
+    return getattr(torch, name)
+
+
 def get_tokenizer(model_args, training_args, train_texts):
     """`--tokenizer_name` / the model's own tokenizer, else one trained here and saved in the output dir."""
     from transformers import AutoTokenizer
@@ -108,7 +121,7 @@ def get_tokenizer(model_args, training_args, train_texts):
     source = model_args.tokenizer_name or model_args.model_name_or_path
     if source:
         try:
-            return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
+            return AutoTokenizer.from_pretrained(source, use_fast=getattr(model_args, "use_fast_tokenizer", True), **hub_kwargs(model_args))
         except (OSError, ValueError) as error:
             if model_args.tokenizer_name:
                 raise ArgumentError(f"cannot load --tokenizer_name {model_args.tokenizer_name!r}: {error}") from error
@@ -182,6 +195,17 @@ class ChiarTrainer(Trainer):
 
     _routing = None
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A step whose loss is NaN or infinite leaves the routers' running statistics as they were
+        before it (reported at the next evaluation and at saving)."""
+        from modeling_chiar.routing import statistics_before_step, undo_if_not_finite
+
+        routers = self.model.model.routers() if hasattr(getattr(self.model, "model", None), "routers") else []
+        saved = statistics_before_step(routers)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        undo_if_not_finite(saved, loss)
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._routing is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -205,6 +229,8 @@ class ChiarTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        if getattr(self.model.config, "model_type", None) != "chiar":  # another Transformers model: nothing routes
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         self._routing = (RoutingAccumulator(self.model.config), {"aux_loss": 0.0, "batches": 0.0, "correct": 0.0, "predicted": 0.0})
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)

@@ -422,14 +422,16 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         return [layer.mixer.router for layer in self.layers]
 
     def report_skipped_updates(self):
-        """Threshold-router updates refused since the model was built (batches with NaN or infinite hidden
-        states), logged once per new refusal. Read outside the forward pass: by `eval()` and saving."""
+        """Threshold-router updates refused or undone since the model was built (batches with NaN or infinite
+        hidden states; in ChiarTrainer, steps with a non-finite loss), logged once per new refusal. Read
+        outside the forward pass: by `eval()` and saving."""
         counts = [r.skipped_updates for r in self.routers() if calibrates(r) and not r.skipped_updates.is_meta]
         total = int(torch.stack([c.to(counts[0].device) for c in counts]).sum()) if counts else 0
         if total > getattr(self, "_skipped_reported", 0):
             logger.warning(
                 f"{total - getattr(self, '_skipped_reported', 0)} routing-statistics update(s) were skipped: a batch had NaN or "
-                "infinite hidden states, and the routers' thresholds were left as they were before it."
+                "infinite hidden states (or, in the Trainer, a NaN or infinite loss), and the routers' thresholds were left "
+                "as they were before it."
             )
             self._skipped_reported = total
         return total

@@ -566,6 +566,27 @@ def calibrates(router):
     return isinstance(router, ThresholdRouter) and router.calibrate
 
 
+def statistics_before_step(routers):
+    """Copies of the calibrating routers' running statistics, taken before a training step. With
+    `undo_if_not_finite` after the step, a step whose loss is NaN or infinite although the hidden
+    states the routers saw were finite (a loss that overflowed) leaves them as they were, as `observe`
+    does for a batch with non-finite hidden states."""
+    return [(r, r.thresholds.clone(), r.train_thresholds.clone(), r.num_updates.clone()) for r in routers if calibrates(r)]
+
+
+@torch.no_grad()
+def undo_if_not_finite(saved, loss):
+    """Put back the statistics of `statistics_before_step` if `loss` is not finite, counting the undone
+    updates in `skipped_updates`; no host sync (the choice is a `torch.where` on the device)."""
+    for router, thresholds, train_thresholds, updates in saved:
+        finite = torch.isfinite(loss.detach()).all().to(router.thresholds.device)
+        moved = router.num_updates != updates
+        router.thresholds.copy_(torch.where(finite, router.thresholds, thresholds))
+        router.train_thresholds.copy_(torch.where(finite, router.train_thresholds, train_thresholds))
+        router.num_updates.copy_(torch.where(finite, router.num_updates, updates))
+        router.skipped_updates.add_((moved & ~finite).long())
+
+
 class MetaRouter(nn.Module):
     """v2's gate on the first layer: g * layer(x) + (1 - g) * x, g = sigmoid(w . m + b).
 

@@ -144,3 +144,55 @@ def test_torch_compile_trains_and_evaluates(tmp_path):
     test = json.loads((tmp_path / "out" / "test_results.json").read_text())
     assert 0 <= test["test_accuracy"] <= 1 and "test_routing_layer1_attention" in test
     torch._dynamo.reset()
+
+
+def write_reviews(folder, n_train=120, n_eval=30, seed=0):
+    """Two text columns, an int rating, a float score and a list of topics per review."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
+        with open(folder / f"{split}.jsonl", "w") as handle:
+            for _ in range(count):
+                stars = rng.randint(0, 1)
+                topics = [t for t in ("plot", "cast", "music") if rng.random() < 0.5] or ["plot"]
+                body = " ".join(rng.choice(["the", "film", "was", "and"]) for _ in range(10)) + (" great" if stars else " dull")
+                handle.write(json.dumps({"title": " ".join(topics), "body": body, "stars": stars,
+                                         "score": stars + rng.random() / 10, "topics": topics}) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("task, flags, metrics", [
+    ("joined columns", ["--text_column_names", "title,body", "--text_column_delimiter", " | ", "--label_column_name", "stars",
+                        "--metric_name", "f1", "--shuffle_train_dataset", "--pad_to_max_length", "true"], ("accuracy", "f1")),
+    ("regression", ["--text_column_name", "body", "--label_column_name", "score"], ("mse", "mae")),
+    ("multi-label", ["--text_column_name", "title", "--label_column_name", "topics"], ("f1", "accuracy")),
+])
+def test_stock_tasks_train_evaluate_and_predict(tmp_path, task, flags, metrics):
+    data = write_reviews(tmp_path / "data")
+    run_classification.main(common(tmp_path, "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
+                                   "--test_file", str(data / "test.jsonl"), *flags))
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    for name in metrics:
+        assert f"eval_{name}" in results and f"test_{name}" in results
+    first = json.loads((tmp_path / "out" / "test_predictions.jsonl").read_text().splitlines()[0])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    if task == "regression":
+        assert isinstance(first["prediction"], float) and config["problem_type"] == "regression" and results["eval_mse"] < 1.5
+    elif task == "multi-label":
+        assert isinstance(first["label"], list) and set(first["label"]) <= {"plot", "cast", "music"}
+        assert config["problem_type"] == "multi_label_classification" and len(config["id2label"]) == 3
+    else:
+        assert " | " in first["text"] and config["problem_type"] == "single_label_classification"
+
+
+def test_split_flags_choose_and_drop_splits(tmp_path):
+    data = write_reviews(tmp_path / "data", n_train=40, n_eval=10)
+    argv = common(tmp_path, "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
+                  "--test_file", str(data / "test.jsonl"), "--text_column_name", "body", "--label_column_name", "stars")
+    with pytest.raises(SystemExit, match="--remove_splits: the data has no split 'unused'"):
+        run_classification.main(argv + ["--remove_splits", "unused"])
+    with pytest.raises(SystemExit, match="--validation_split_name: the data has no split 'dev'"):
+        run_classification.main(argv + ["--validation_split_name", "dev"])
+    run_classification.main(argv + ["--remove_splits", "test", "--validation_split_name", "validation", "--remove_columns", "title",
+                                    "--num_train_epochs", "1"])
+    assert not (tmp_path / "out" / "test_results.json").exists()  # the test split was removed

@@ -190,6 +190,15 @@ def test_torch_compile_trains_evaluates_and_saves(tmp_path):
     assert int(model.model.layers[1].mixer.router.num_updates) == 8  # calibrated in every compiled step
 
 
+def test_streaming_trains_and_evaluates_as_the_data_is_read(tmp_path):
+    corpus = write_corpus(tmp_path / "data")
+    run_clm.main(args(tmp_path, corpus, "--streaming", "--max_eval_samples", "4"))
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert metrics["eval_loss"] > 0 and "eval_routing_layer1_attention" in metrics and "eval_samples" not in metrics
+    with pytest.raises(SystemExit, match="--streaming needs --max_steps"):
+        run_clm.main([a for a in args(tmp_path, corpus, "--streaming", "--do_train") if a not in ("--max_steps", "8")])
+
+
 def test_stock_spellings_are_honoured():
     """Hyphenated flags count as given (the scratch defaults do not overwrite them), and
     --config_overrides reads Python's True / False / None as the stock scripts do."""
