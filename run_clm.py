@@ -3,8 +3,9 @@
 Transformers example `run_clm.py`: HfArgumentParser over model / data / TrainingArguments, a lone
 `.json` argument as the whole configuration, Trainer, grouped blocks, perplexity.
 
-On built-in defaults it trains the tiny CHIAR (configs/chiar-tiny.json) on WikiText-2 from the Hub,
-with a byte-level BPE tokenizer trained on the training split. Offline, point it to local files:
+On built-in defaults it trains the tiny CHIAR (configs/chiar-tiny.json) on WikiText-2 from the Hub
+(`wikitext-2-v1`, the tokenized form, as the offline copy), with a byte-level BPE tokenizer trained
+on the training split. Offline, point it to local files:
 
     python run_clm.py --output_dir runs/clm-tiny \\
         --train_file ../shared/data/wikitext-2/wiki.train.tokens \\
@@ -55,8 +56,8 @@ logger = logging.getLogger(__name__)
 # TrainingArguments values used when training from scratch unless given on the command line.
 SCRATCH_DEFAULTS = {"learning_rate": 1e-3, "warmup_steps": 0.05, "weight_decay": 0.01}
 OFFLINE_HINT = (
-    " (e.g. --train_file ../shared/data/wikitext-2/wiki.train.tokens "
-    "--validation_file ../shared/data/wikitext-2/wiki.valid.tokens)"
+    " (e.g. --train_file ../shared/data/wikitext-2/wiki.train.tokens --validation_file ../shared/data/wikitext-2/wiki.valid.tokens "
+    "--test_file ../shared/data/wikitext-2/wiki.test.tokens)"
 )
 
 
@@ -86,7 +87,11 @@ class ModelArguments:
 @dataclass
 class DataTrainingArguments:
     dataset_name: str | None = field(default="wikitext", metadata={"help": "Hub dataset; ignored when --train_file is given."})
-    dataset_config_name: str | None = field(default="wikitext-2-raw-v1")
+    dataset_config_name: str | None = field(
+        default="wikitext-2-v1",
+        metadata={"help": "Default: the tokenized WikiText-2, the form of the offline copy, so Hub and offline runs compare "
+                  "(the stock examples use wikitext-2-raw-v1)."},
+    )
     train_file: str | None = field(default=None, metadata={"help": "text (.txt/.tokens), json/jsonl or csv, optionally .gz"})
     validation_file: str | None = field(default=None)
     test_file: str | None = field(default=None)

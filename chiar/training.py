@@ -195,6 +195,12 @@ class ChiarTrainer(Trainer):
 
     _routing = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate (1.15) shards on accelerators only
+            logger.warning("--fsdp was given but accelerate did not enable FSDP (it does on GPUs and other accelerators, "
+                           "not on the CPU): this run is plain data parallel, every process holds the whole model.")
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A step whose loss is NaN or infinite leaves the routers' running statistics as they were
         before it (reported at the next evaluation and at saving)."""

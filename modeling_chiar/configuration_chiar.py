@@ -1,6 +1,6 @@
 """Configuration of CHIAR-Former (Chiaroscuro Attention).
 
-The semantics of every CHIAR field are fixed by spec/CHIAR.md; this module only stores and checks
+The semantics of every CHIAR field are fixed by docs/spec.md; this module only stores and checks
 them. Every invalid value raises `ValueError` naming the field and what is allowed, at
 construction time, so a bad config never reaches the model.
 """

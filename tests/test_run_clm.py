@@ -112,13 +112,18 @@ def test_resume_continues_where_it_stopped(tmp_path):
 
 
 def test_two_processes_with_accelerate(tmp_path):
+    """DDP on two CPU processes (gloo). `--fsdp` is given too: accelerate (1.15) enables FSDP on
+    accelerators only, so on the CPU the run stays DDP, and the Trainer says so (FSDP itself is
+    tested in tests/test_fsdp.py)."""
     corpus = write_corpus(tmp_path / "data")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(ROOT / "run_clm.py"), "--use_cpu", "--do_train", "--do_eval", *args(tmp_path, corpus)]
+               str(ROOT / "run_clm.py"), "--use_cpu", "--do_train", "--do_eval", *args(tmp_path, corpus),
+               "--fsdp", "full_shard auto_wrap", "--fsdp_config", '{"transformer_layer_cls_to_wrap": ["ChiarDecoderLayer"]}']
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "this run is plain data parallel" in result.stdout + result.stderr
     training_args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
     assert training_args.world_size == 2 and training_args.ddp_find_unused_parameters is False
     metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
