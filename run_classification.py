@@ -44,9 +44,11 @@ from chiar.training import (
     ChiarTrainer,
     apply_config_overrides,
     check_output_dir,
+    check_ranges,
     checkpoint_to_resume,
     get_tokenizer,
     hub_kwargs,
+    load_config,
     prepare_training_args,
     resolve_config,
 )
@@ -187,6 +189,7 @@ def main(argv=None):
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     set_seed(training_args.seed)
+    check_ranges(data_args, model_args)
     check_output_dir(training_args.output_dir)
 
     # --- data, checked before anything expensive ---
@@ -229,6 +232,8 @@ def main(argv=None):
         values = label_source[label_column]
         labels = sorted({v for row in values for v in row} if task == "multi_label" else set(values))  # one kind, no nulls: checked
         label_to_id = {label: i for i, label in enumerate(labels)}
+        if len(labels) < 2:
+            raise ArgumentError(f"--label_column_name {label_column!r} holds one class only ({labels[:1]}): classification needs two or more.")
         for name in raw:
             values = raw[name][label_column]
             unseen = ({v for row in values for v in row} if task == "multi_label" else set(values)) - set(label_to_id)
@@ -246,9 +251,9 @@ def main(argv=None):
     num_labels = 1 if task == "regression" else len(labels)
     problem_type = {"single_label": "single_label_classification", "multi_label": "multi_label_classification", "regression": "regression"}[task]
     if model_args.model_name_or_path:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=num_labels, **hub_kwargs(model_args))
+        config = load_config(model_args.model_name_or_path, "--model_name_or_path", num_labels=num_labels, **hub_kwargs(model_args))
     else:
-        config = AutoConfig.from_pretrained(resolve_config(model_args.config_name or "chiar-tiny"), num_labels=num_labels)
+        config = load_config(resolve_config(model_args.config_name or "chiar-tiny"), "--config_name", num_labels=num_labels)
         config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
         if getattr(config, "model_type", None) == "chiar":
             config.is_causal = False  # bidirectional by default for classification

@@ -44,9 +44,11 @@ from chiar.training import (
     ChiarTrainer,
     apply_config_overrides,
     check_output_dir,
+    check_ranges,
     checkpoint_to_resume,
     get_tokenizer,
     hub_kwargs,
+    load_config,
     model_dtype,
     prepare_training_args,
     resolve_config,
@@ -132,6 +134,7 @@ def main(argv=None):
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     set_seed(training_args.seed)
+    check_ranges(data_args, model_args)
     check_output_dir(training_args.output_dir)
 
     # --- data, checked before anything expensive ---
@@ -160,12 +163,15 @@ def main(argv=None):
 
     tokenizer = get_tokenizer(model_args, training_args, train_texts)
     if model_args.model_name_or_path:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+        config = load_config(model_args.model_name_or_path, "--model_name_or_path", **hub_kwargs(model_args))
     else:
         if model_args.config_name or model_args.model_type == "chiar":
-            config = AutoConfig.from_pretrained(resolve_config(model_args.config_name or "chiar-tiny"))
+            config = load_config(resolve_config(model_args.config_name or "chiar-tiny"), "--config_name")
         else:
-            config = AutoConfig.for_model(model_args.model_type)
+            try:
+                config = AutoConfig.for_model(model_args.model_type)
+            except ValueError as error:
+                raise ArgumentError(f"--model_type {model_args.model_type!r}: {str(error).splitlines()[0][:200]}") from error
         config.vocab_size = len(tokenizer)
         config.pad_token_id = tokenizer.pad_token_id
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id

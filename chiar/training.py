@@ -35,6 +35,35 @@ def resolve_config(name):
     raise ArgumentError(f"--config_name {name!r} is neither a file nor a shipped config ({available}).")
 
 
+def load_config(source, flag, **kwargs):
+    """AutoConfig for `source` (a saved model folder, a config file or a Hub id), or one line naming the flag."""
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ArgumentError(f"{flag} {source}: the folder has no config.json (not a saved model).")
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise ArgumentError(f"{flag} {source}: no such folder or file.")
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as error:
+        raise ArgumentError(f"{flag} {source}: cannot read a model config ({str(error).splitlines()[0][:300]}).") from error
+
+
+def check_ranges(data_args, model_args):
+    """Sizes and shares the stock scripts take on trust (0 or a negative block size, a split over 100%)."""
+    for name in ("block_size", "max_seq_length", "max_train_samples", "max_eval_samples", "max_predict_samples"):
+        value = getattr(data_args, name, None)
+        if value is not None and value < 1:
+            raise ArgumentError(f"--{name} must be a positive integer, got {value}.")
+    percentage = getattr(data_args, "validation_split_percentage", None)
+    if percentage is not None and not 0 < percentage < 100:
+        raise ArgumentError(f"--validation_split_percentage must be between 0 and 100 (exclusive), got {percentage}.")
+    if getattr(model_args, "tokenizer_vocab_size", 257) < 257:
+        raise ArgumentError(f"--tokenizer_vocab_size must be at least 257 (the 256 byte symbols and one special token), "
+                            f"got {model_args.tokenizer_vocab_size}.")
+
+
 def check_output_dir(path):
     """The output folder exists or can be made, and a file can be written in it: checked first, so a
     run does not train and then fail to save."""

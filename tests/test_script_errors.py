@@ -273,3 +273,25 @@ def test_an_evaluation_share_far_from_its_target_is_named():
     assert len(problems) == 2 and all(p.startswith("layer 2 sent") for p in problems)
     assert "0.070 of its tokens to attention, target 0.250" in problems[1]
     assert off_target(layers, ChiarConfig(num_hidden_layers=4, layer_schedule=["attention"] * 4)) == []
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--block_size", "0", "--block_size must be a positive integer, got 0"),
+    ("--max_train_samples", "-1", "--max_train_samples must be a positive integer, got -1"),
+    ("--validation_split_percentage", "150", "--validation_split_percentage must be between 0 and 100"),
+    ("--tokenizer_vocab_size", "5", "--tokenizer_vocab_size must be at least 257"),
+    ("--model_name_or_path", "{tmp}/no-model", "--model_name_or_path {tmp}/no-model: no such folder or file"),
+    ("--model_name_or_path", "{tmp}/data", "the folder has no config.json (not a saved model)"),
+    ("--config_name", "{tmp}/config.json", "cannot read a model config (It looks like the config file"),
+    ("--model_type", "no-such-model", "--model_type 'no-such-model': Unrecognized model identifier"),
+])
+def test_run_clm_names_bad_sizes_and_model_sources(tmp_path, flag, value, message):
+    corpus = write_corpus(tmp_path / "data", lines=30)
+    (tmp_path / "config.json").write_text("not json")
+    argv = clm_args(tmp_path, corpus) + [flag, value.format(tmp=tmp_path)]
+    run_and_expect(run_clm.main, argv, message.format(tmp=tmp_path))
+
+
+def test_a_label_column_with_one_class_is_named(tmp_path):
+    train = jsonl(tmp_path / "train.jsonl", [{"text": TEXT, "label": "positive"}] * 20)
+    run_and_expect(run_classification.main, classification_args(tmp_path, train), "holds one class only (['positive'])")
