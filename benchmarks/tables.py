@@ -142,12 +142,39 @@ def flops_fraction(result):
     return "\n".join(lines)
 
 
+def routing_signal(result):
+    """Per task and router, over the seeds: accuracy on the marked tokens, the routed layer's attention
+    share, and recall / precision of its attention on the marked tokens (mean, and each seed)."""
+
+    def mean_and_each(rows, key):
+        each = ", ".join(f"{row[key]:.2f}" for row in rows)
+        return f"{statistics.mean(row[key] for row in rows):.3f} ({each})"
+
+    lines = []
+    for task in result["tasks"]:
+        rows = [r for r in result["runs"] if r["task"] == task]
+        lines += [f"**{task}** ({result['settings']['steps']} steps, seeds {result['settings']['seeds']}):", "",
+                  "| router | accuracy (each seed) | attention share, train / eval | recall (each seed) | precision |",
+                  "|---|---|---|---|---|"]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            mine = [r for r in rows if r["variant"] == variant]
+            if "recall" not in mine[0]:
+                lines.append(f"| {variant} | {mean_and_each(mine, 'accuracy')} | 1 (every token) | | |")
+                continue
+            share = (f"{statistics.mean(r['train_attention_share'] for r in mine):.3f} / "
+                     f"{statistics.mean(r['eval_attention_share'] for r in mine):.3f}")
+            lines.append(f"| {variant} | {mean_and_each(mine, 'accuracy')} | {share} | {mean_and_each(mine, 'recall')} | "
+                         f"{statistics.mean(r['precision'] for r in mine):.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main():
     for path in sys.argv[1:]:
         result = json.loads(Path(path).read_text())
         print(f"### {path}\n")
         renderers = {"speed": speed, "generation": generation, "quality": quality, "device_check": device_check,
-                     "flops_fraction": flops_fraction}
+                     "flops_fraction": flops_fraction, "routing_signal": routing_signal}
         print(renderers[result["benchmark"]](result))
         print()
 

@@ -179,3 +179,20 @@ def test_device_check_passes_on_the_cpu(tmp_path):
     assert [row["variant"] for row in result["rows"]] == ["threshold-dct+rbf+attention", "learned-dct+attention"]
     for row in result["rows"]:
         assert row["cache_equals_no_cache"] and row["routing_agreement_with_cpu"] == 1.0 and row["failed"] == []
+
+
+def test_routing_signal_scores_routers_against_the_tokens_that_need_attention(tmp_path):
+    """The oracle sends exactly the marked tokens (recall = precision = 1, its share the marked share);
+    the random control's recall is about its share; the baseline has no routing figures."""
+    output = tmp_path / "signal.json"
+    run_script("routing_signal.py", "--tasks", "lookback", "distractors", "--variants", "baseline", "oracle", "random",
+               "--seeds", "0", "--steps", "6", "--eval_size", "64", output=output)
+    result = json.loads(output.read_text())
+    assert result["commit"] and "routing_signal.py" in result["command"]
+    rows = {(row["task"], row["variant"]): row for row in result["runs"]}
+    assert len(rows) == 6 and "recall" not in rows["lookback", "baseline"]
+    for task in ("lookback", "distractors"):
+        oracle, random = rows[task, "oracle"], rows[task, "random"]
+        assert oracle["recall"] == oracle["precision"] == 1.0 and oracle["eval_attention_share"] == oracle["marked_share"]
+        assert 0.05 < oracle["marked_share"] < 0.12 and 0.15 < random["recall"] < 0.35 and random["eval_attention_share"] == 0.25
+    assert set(result["summary"]) == {"lookback", "distractors"}
