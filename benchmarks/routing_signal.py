@@ -17,8 +17,9 @@ outnumber the budget, so a router must tell them apart to keep its Qs.
 Variants: the full-attention baseline of the same shape (`["attention"] * 4`, the ceiling), the
 oracle (attention for exactly the marked tokens, the best any router can do at this budget), the
 random control (the floor: a fixed hash of the position, 25%), the threshold router (the paper's:
-spectral entropy above a calibrated threshold), and the learned router (a gate on [x, H], top-1,
-with its auxiliary share loss). Reported per run: accuracy on the Q positions (held-out data, eval
+spectral entropy above a calibrated threshold), the learned router (a gate on [x, H], top-1,
+with its auxiliary share loss), and the learned router exploring (`router_explore`: training draws
+each token's operator from the gate, which starts at the target shares). Reported per run: accuracy on the Q positions (held-out data, eval
 mode), the routed layer's attention share (train, eval), and recall (share of marked tokens that got
 attention) and precision (share of attention queries that went to marked tokens).
 Results: benchmarks/results/routing_signal-cpu.json.
@@ -48,6 +49,7 @@ VARIANTS = {
     "random": dict(router_type="random"),
     "threshold": dict(router_type="threshold"),
     "learned": dict(router_type="learned"),
+    "learned-explore": dict(router_type="learned", router_explore=True),
 }
 
 

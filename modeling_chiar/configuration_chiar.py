@@ -58,6 +58,12 @@ class ChiarConfig(PretrainedConfig):
         router_aux_loss_coef (`float`): weight of the learned router's share-keeping auxiliary loss. The
             default (5.0) holds the eval shares within 0.05 of their targets in training runs on
             WikiText-2 (tests/test_routing.py); 0.1 and 1.0 let the attention share drift to 0.3-0.35.
+        router_explore (`bool`): learned router only. In training each token's operator is drawn from the
+            gate's probabilities (Gumbel-max, per token, on the device) instead of taken as the most likely
+            one, and the gate starts at the target shares for every token instead of at the entropy
+            thresholds; eval takes the most likely operator. Hard top-1 routing gives the gate a gradient
+            only for the operator a token ran, so without exploring the gate never learns what an operator
+            it does not pick would do (benchmarks/routing_signal.py). Default False.
         router_calibration_momentum (`float`): floor of the running-quantile update rate (a cumulative
             mean for the first 1/momentum batches, then an EMA). 0.1 follows a model whose hidden states
             move during training; 0.01 lagged so far that a 200-step WikiText-2 run ended with 0.37
@@ -109,6 +115,7 @@ class ChiarConfig(PretrainedConfig):
         router_target_fractions=None,
         router_thresholds=None,
         router_aux_loss_coef=5.0,
+        router_explore=False,
         router_calibration_momentum=0.1,
         router_block_size=128,
         router_capacity_factor=1.0,
@@ -152,6 +159,7 @@ class ChiarConfig(PretrainedConfig):
         self.router_target_fractions = dict(router_target_fractions) if router_target_fractions else {}
         self.router_thresholds = list(router_thresholds) if router_thresholds is not None else None
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_explore = router_explore
         self.router_calibration_momentum = router_calibration_momentum
         self.router_block_size = router_block_size
         self.router_capacity_factor = router_capacity_factor
@@ -276,6 +284,8 @@ class ChiarConfig(PretrainedConfig):
             raise ValueError(f"classifier_pooling must be one of {list(POOLINGS)}, got {self.classifier_pooling!r}.")
         if not isinstance(self.is_causal, bool):
             raise ValueError(f"is_causal must be True or False, got {self.is_causal!r}.")
+        if not isinstance(self.router_explore, bool):
+            raise ValueError(f"router_explore must be True or False, got {self.router_explore!r}.")
         if not isinstance(self.use_meta_router, bool):
             raise ValueError(f"use_meta_router must be True or False, got {self.use_meta_router!r}.")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:

@@ -219,6 +219,8 @@ class GateRouter(KeepsFP32Buffers):
     top-1 in the forward pass, the executed operator's output scaled by p / p.detach() (1 in value,
     `route()`) so the gate gets gradient; an auxiliary loss keeps the shares at their targets.
     `hard=False` (soft): a dense softmax blend of every operator (no compute saved; an ablation).
+    With `router_explore` (learned only) training draws each token's operator from the gate, which
+    starts at the target shares for every token, so every operator's effect reaches the gate.
     """
 
     fp32_buffers = ("targets", "center", "scale")
@@ -226,6 +228,7 @@ class GateRouter(KeepsFP32Buffers):
     def __init__(self, config, layer_idx, hard):
         super().__init__()
         self.hard = hard
+        self.explore = hard and config.router_explore
         num_ops = len(config.routed_operators)
         self.targets = nn.Buffer(target_fractions(config), persistent=False)
         self.weight = nn.Parameter(torch.zeros(num_ops, config.hidden_size))
@@ -250,12 +253,15 @@ class GateRouter(KeepsFP32Buffers):
 
     @staticmethod
     def initial_gate(config, sharpness=4.0):
-        """Logits linear in z with slopes 0, s, 2s, ...: boundaries fall at the Gaussian quantiles."""
+        """Logits linear in z with slopes 0, s, 2s, ...: boundaries fall at the Gaussian quantiles.
+        Exploring, flat logits at log(target): every token starts with the target shares."""
         levels = cumulative_targets(config)
         stats = gaussian_entropy_quantiles(config.hidden_size, [0.16, 0.5, 0.84] + levels)
         center, scale = stats[1], (stats[2] - stats[0]) / 2
         z_thresholds = (stats[3:] - center) / scale
         num_ops = len(config.routed_operators)
+        if config.router_type == "learned" and config.router_explore:
+            return center, scale, torch.zeros(num_ops), target_fractions(config).log()
         slopes = sharpness * torch.arange(num_ops, dtype=torch.float32)
         biases = torch.zeros(num_ops)
         for k in range(1, num_ops):  # logit_k - logit_{k-1} = s (z - z_threshold_{k-1})
@@ -266,7 +272,11 @@ class GateRouter(KeepsFP32Buffers):
         z = (entropy - self.center) / self.scale
         logits = x.float() @ self.weight.float().T + z[..., None] * self.entropy_weight + self.bias
         probs = logits.softmax(dim=-1)
-        ids = probs.argmax(dim=-1)
+        if self.explore and self.training:  # Gumbel-max: a draw from `probs`, token by token
+            noise = torch.rand_like(logits).clamp_(1e-12, 1.0 - 1e-7)
+            ids = (logits.detach() - (-noise.log()).log()).argmax(dim=-1)
+        else:
+            ids = probs.argmax(dim=-1)
         aux_loss = self.aux_loss(probs, ids, token_mask) if self.hard else None
         return RoutingDecision(operator_ids=ids, probs=probs, aux_loss=aux_loss)
 

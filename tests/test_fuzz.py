@@ -44,6 +44,7 @@ FIELDS = {
                                 {"attention": 0.25}],
     "router_thresholds": [None, [0.8], [0.8, 0.85], [0.9, 0.8], [1.5], [float("nan")]],
     "router_aux_loss_coef": [5.0, 0.0, -1.0, float("inf")],
+    "router_explore": [False, True, 1],
     "router_calibration_momentum": [0.1, 1.0, 0.0, 1.5],
     "router_block_size": [8, 1, 128, 0, 8.5],
     "router_capacity_factor": [1.0, 0.1, 10.0, 0.0, float("inf"), -1.0],

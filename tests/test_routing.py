@@ -212,3 +212,44 @@ def test_non_finite_routing_buffers_are_refused_at_load(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="NaN or infinite values in .*layers.1.mixer.router.thresholds"):
         ChiarForCausalLM.from_pretrained(tmp_path)
+
+
+def test_an_exploring_gate_starts_at_the_targets_draws_in_training_and_picks_in_eval():
+    """router_explore: a fresh gate gives every token the target shares; training draws each token's
+    operator from the gate (shares near the probabilities, different draws each pass); eval takes the
+    most likely operator (deterministic); without exploring, training takes it too."""
+    config = tiny_config(router_type="learned", router_explore=True)
+    router = GateRouter(config, 1, hard=True)
+    router.reset_from_config(config)
+    x = torch.randn(4, 512, config.hidden_size)
+    entropy = torch.rand(4, 512)
+    probs = router(x, entropy, None, None).probs
+    assert torch.equal(router.entropy_weight, torch.zeros(2))  # no entropy preference: only the weights' small init
+    assert abs(probs[..., 1].mean().item() - 0.25) < 0.01 and probs[..., 1].std().item() < 0.05
+    router.train()
+    first, second = router(x, entropy, None, None).operator_ids, router(x, entropy, None, None).operator_ids
+    assert abs(first.float().mean().item() - probs[..., 1].mean().item()) < 0.03 and not torch.equal(first, second)
+    router.eval()
+    picked = router(x, entropy, None, None).operator_ids
+    assert torch.equal(picked, probs.argmax(-1)) and torch.equal(picked, router(x, entropy, None, None).operator_ids)
+    plain = GateRouter(tiny_config(router_type="learned"), 1, hard=True).train()
+    decision = plain(x, entropy, None, None)
+    assert torch.equal(decision.operator_ids, decision.probs.argmax(-1))
+
+
+def test_exploring_training_routes_causally_and_keeps_the_budget():
+    """A drawn operator depends on the token alone (its own noise), so the model stays causal in
+    training for a fixed draw, and the budget still caps what runs."""
+    model = build(ChiarForCausalLM, "learned-dct+attention", router_explore=True).train()
+    ids = random_ids(2, 40)
+    torch.manual_seed(3)
+    out = model(ids, output_routing=True)
+    changed = ids.clone()
+    changed[:, 30:] = (changed[:, 30:] + 1) % model.config.vocab_size
+    torch.manual_seed(3)
+    again = model(changed, output_routing=True)
+    torch.testing.assert_close(out.logits[:, :30], again.logits[:, :30])
+    for record in out.routing:
+        if "attention" in record.operators and len(record.operators) > 1:
+            attention = record.operators.index("attention")
+            assert (record.operator_ids == attention).float().mean() <= 0.25  # the budget: 2 slots per block of 8
