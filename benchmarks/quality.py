@@ -45,6 +45,7 @@ LM_VARIANTS = {
     "baseline": dict(layer_schedule=["attention"] * 4),
     "chiar-threshold": dict(),
     "chiar-learned": dict(router_type="learned"),
+    "chiar-learned-explore": dict(router_type="learned", router_explore=True),
     "chiar-random": dict(router_type="random"),
     "chiar-3op": dict(routed_operators=["dct", "rbf", "attention"]),
 }
