@@ -90,7 +90,7 @@ class DataTrainingArguments:
     test_split_name: str | None = field(default=None, metadata={"help": "The dataset's split to test on (default: test)."})
     remove_splits: str | None = field(default=None, metadata={"help": "Splits to drop, comma-separated."})
     remove_columns: str | None = field(default=None, metadata={"help": "Columns to drop, comma-separated."})
-    metric_name: str | None = field(default=None, metadata={"help": "accuracy, f1 (micro), precision, recall, mse or mae; default by task."})
+    metric_name: str | None = field(default=None, metadata={"help": "accuracy, f1, precision, recall (macro; micro for multi-label), mse or mae; default by task."})
     pad_to_max_length: bool = field(default=None, metadata={"help": "Pad every batch to --max_seq_length (default: to the longest, or always when compiled)."})
     shuffle_train_dataset: bool = field(default=False, metadata={"help": "Shuffle the training split once, before sampling."})
     shuffle_seed: int = field(default=42)

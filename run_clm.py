@@ -135,6 +135,7 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity(log_level)
     set_seed(training_args.seed)
     check_ranges(data_args, model_args)
+    model_dtype(model_args)  # a bad --dtype stops here, before the data is read
     check_output_dir(training_args.output_dir)
 
     # --- data, checked before anything expensive ---
@@ -157,6 +158,7 @@ def main(argv=None):
 
     # --- tokenizer and model ---
     text_column = data_args.text_column_name
+
     def train_texts():
         texts = (row[text_column] for row in raw["train"]) if data_args.streaming else raw["train"][text_column]
         return (text for text in texts if text.strip())
