@@ -61,9 +61,10 @@ class ChiarConfig(PretrainedConfig):
         router_explore (`bool`): learned router only. In training each token's operator is drawn from the
             gate's probabilities (Gumbel-max, per token, on the device) instead of taken as the most likely
             one, and the gate starts at the target shares for every token instead of at the entropy
-            thresholds; eval takes the most likely operator. Hard top-1 routing gives the gate a gradient
-            only for the operator a token ran, so without exploring the gate never learns what an operator
-            it does not pick would do (benchmarks/routing_signal.py). Default False.
+            thresholds; eval ranks the tokens by the gate and gives the target shares to the top of the
+            ranking (cut at running quantiles calibrated in training). Hard top-1 routing gives the gate a
+            gradient only for the operator a token ran, so without exploring the gate never learns what an
+            operator it does not pick would do (benchmarks/routing_signal.py). Default False.
         router_calibration_momentum (`float`): floor of the running-quantile update rate (a cumulative
             mean for the first 1/momentum batches, then an EMA). 0.1 follows a model whose hidden states
             move during training; 0.01 lagged so far that a 200-step WikiText-2 run ended with 0.37

@@ -220,16 +220,25 @@ class GateRouter(KeepsFP32Buffers):
     `route()`) so the gate gets gradient; an auxiliary loss keeps the shares at their targets.
     `hard=False` (soft): a dense softmax blend of every operator (no compute saved; an ablation).
     With `router_explore` (learned only) training draws each token's operator from the gate, which
-    starts at the target shares for every token, so every operator's effect reaches the gate.
+    starts at the target shares for every token, so every operator's effect reaches the gate; eval
+    ranks tokens by the gate's expected operator index (for two operators, p(attention)) and cuts the
+    ranking at running quantiles calibrated on training batches (`eval_thresholds`, as the threshold
+    router does with the entropy), so the eval shares are the targets and the tokens the gate ranks
+    highest get the costlier operators.
     """
 
-    fp32_buffers = ("targets", "center", "scale")
+    fp32_buffers = ("targets", "center", "scale", "eval_thresholds")
 
     def __init__(self, config, layer_idx, hard):
         super().__init__()
         self.hard = hard
         self.explore = hard and config.router_explore
         num_ops = len(config.routed_operators)
+        if self.explore:
+            self.quantile_levels = cumulative_targets(config)
+            self.momentum = config.router_calibration_momentum
+            self.eval_thresholds = nn.Buffer(self.flat_score(config).repeat(num_ops - 1))
+            self.num_updates = nn.Buffer(torch.zeros((), dtype=torch.long))
         self.targets = nn.Buffer(target_fractions(config), persistent=False)
         self.weight = nn.Parameter(torch.zeros(num_ops, config.hidden_size))
         self.entropy_weight = nn.Parameter(torch.zeros(num_ops))
@@ -250,6 +259,15 @@ class GateRouter(KeepsFP32Buffers):
         init.copy_(self.center, center)
         init.copy_(self.scale, scale)
         init.copy_(self.targets, target_fractions(config))
+        if self.explore:
+            init.copy_(self.eval_thresholds, self.flat_score(config).repeat(len(config.routed_operators) - 1).to(self.bias.device))
+            init.zeros_(self.num_updates)
+
+    @staticmethod
+    def flat_score(config):
+        """The score every token has under the flat initial gate (the expected operator index at the targets)."""
+        targets = target_fractions(config)
+        return (targets * torch.arange(len(targets), dtype=torch.float32)).sum().reshape(1)
 
     @staticmethod
     def initial_gate(config, sharpness=4.0):
@@ -272,13 +290,33 @@ class GateRouter(KeepsFP32Buffers):
         z = (entropy - self.center) / self.scale
         logits = x.float() @ self.weight.float().T + z[..., None] * self.entropy_weight + self.bias
         probs = logits.softmax(dim=-1)
-        if self.explore and self.training:  # Gumbel-max: a draw from `probs`, token by token
+        if not self.explore:
+            ids = probs.argmax(dim=-1)
+        elif self.training:  # Gumbel-max: a draw from `probs`, token by token
             noise = torch.rand_like(logits).clamp_(1e-12, 1.0 - 1e-7)
             ids = (logits.detach() - (-noise.log()).log()).argmax(dim=-1)
-        else:
-            ids = probs.argmax(dim=-1)
+            self.calibrate(self.score(probs), token_mask)
+        else:  # the gate's ranking, cut at the calibrated quantiles
+            score, bands = self.score(probs), self.eval_thresholds.to(probs.device)
+            ids = (score > bands[0]).long() if bands.numel() == 1 else (score >= bands[0]).long() + (score > bands[1]).long()
         aux_loss = self.aux_loss(probs, ids, token_mask) if self.hard else None
         return RoutingDecision(operator_ids=ids, probs=probs, aux_loss=aux_loss)
+
+    @staticmethod
+    def score(probs):
+        """The expected operator index under the gate, detached: for two operators p(attention)."""
+        return (probs.detach() * torch.arange(probs.shape[-1], device=probs.device)).sum(-1)
+
+    @torch.no_grad()
+    def calibrate(self, score, token_mask):
+        """Move `eval_thresholds` towards this training batch's quantiles of the score (a cumulative mean,
+        then an EMA); a batch without a real token or with a NaN score leaves them. Runs inside the
+        forward pass, so a gradient-checkpointing recomputation updates them a second time."""
+        found = masked_quantiles(score, token_mask, self.quantile_levels)
+        quantiles, found = found[0], found[1] & ~_nan_at(score, token_mask)
+        rate = (1.0 / (self.num_updates + 1).float()).clamp_min(self.momentum) * found
+        self.eval_thresholds.lerp_(torch.where(found, quantiles, self.eval_thresholds), rate)
+        self.num_updates.add_(found.long())
 
     def aux_loss(self, probs, ids, token_mask):
         """sum_k ((f_k - t_k) / t_k)^2 over the hard shares f, straight-through to the mean probabilities.

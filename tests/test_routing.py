@@ -214,12 +214,13 @@ def test_non_finite_routing_buffers_are_refused_at_load(tmp_path):
         ChiarForCausalLM.from_pretrained(tmp_path)
 
 
-def test_an_exploring_gate_starts_at_the_targets_draws_in_training_and_picks_in_eval():
+def test_an_exploring_gate_starts_at_the_targets_draws_in_training_and_ranks_in_eval():
     """router_explore: a fresh gate gives every token the target shares; training draws each token's
-    operator from the gate (shares near the probabilities, different draws each pass); eval takes the
-    most likely operator (deterministic); without exploring, training takes it too."""
+    operator from the gate (shares near the probabilities, different draws each pass) and calibrates
+    the eval cut; eval sends the tokens the gate ranks highest, at the target share, deterministically;
+    without exploring, training and eval take the most likely operator."""
     config = tiny_config(router_type="learned", router_explore=True)
-    router = GateRouter(config, 1, hard=True)
+    router = GateRouter(config, 1, hard=True).eval()
     router.reset_from_config(config)
     x = torch.randn(4, 512, config.hidden_size)
     entropy = torch.rand(4, 512)
@@ -229,12 +230,15 @@ def test_an_exploring_gate_starts_at_the_targets_draws_in_training_and_picks_in_
     router.train()
     first, second = router(x, entropy, None, None).operator_ids, router(x, entropy, None, None).operator_ids
     assert abs(first.float().mean().item() - probs[..., 1].mean().item()) < 0.03 and not torch.equal(first, second)
+    assert int(router.num_updates) == 2
     router.eval()
     picked = router(x, entropy, None, None).operator_ids
-    assert torch.equal(picked, probs.argmax(-1)) and torch.equal(picked, router(x, entropy, None, None).operator_ids)
+    assert abs(picked.float().mean().item() - 0.25) < 0.01 and torch.equal(picked, router(x, entropy, None, None).operator_ids)
+    ranked = probs[..., 1].flatten().argsort(descending=True)
+    assert picked.flatten()[ranked[:400]].all() and not picked.flatten()[ranked[-1500:]].any()  # the top of the ranking
     plain = GateRouter(tiny_config(router_type="learned"), 1, hard=True).train()
     decision = plain(x, entropy, None, None)
-    assert torch.equal(decision.operator_ids, decision.probs.argmax(-1))
+    assert torch.equal(decision.operator_ids, decision.probs.argmax(-1)) and not hasattr(plain, "eval_thresholds")
 
 
 def test_exploring_training_routes_causally_and_keeps_the_budget():
@@ -253,3 +257,19 @@ def test_exploring_training_routes_causally_and_keeps_the_budget():
         if "attention" in record.operators and len(record.operators) > 1:
             attention = record.operators.index("attention")
             assert (record.operator_ids == attention).float().mean() <= 0.25  # the budget: 2 slots per block of 8
+
+
+def test_an_exploring_routers_calibration_is_saved_and_loaded(tmp_path):
+    model = build(ChiarForCausalLM, "learned-dct+attention", router_explore=True).train()
+    with torch.no_grad():
+        for seed in range(3):
+            model(random_ids(2, 32, seed=seed))
+    model.eval()
+    router = model.model.layers[1].mixer.router
+    assert int(router.num_updates) == 3 and not torch.equal(router.eval_thresholds, GateRouter.flat_score(model.config))
+    model.save_pretrained(tmp_path)
+    loaded = ChiarForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.model.layers[1].mixer.router.eval_thresholds, router.eval_thresholds)
+    ids = random_ids(2, 32, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
