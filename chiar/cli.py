@@ -87,9 +87,9 @@ def _records(args, labels=False):
 
 def _load(args):
     from chiar.routing_viz import load_model
+    from chiar.training import load_config
 
-    if not Path(args.model).exists() and args.model.startswith((".", "/", "~")):
-        raise SystemExit(f"error: model folder not found: {args.model}")
+    load_config(args.model, "MODEL")  # a missing folder, no config.json, an unreadable config: one line
     try:
         return load_model(args.model, args.tokenizer, device=args.device)
     except (FileNotFoundError, TypeError) as error:

@@ -176,17 +176,11 @@ def _usage(class_name, repo_id):
 def _load_checkpoint(source, tokenizer_source=None):
     """A saved CHIAR model (folder or Hub id) and its tokenizer, or one line saying why not."""
     import modeling_chiar  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = Path(source)
-    if folder.exists() and not (folder / "config.json").is_file():
-        raise SystemExit(f"error: {source} has no config.json: not a saved model folder.")
-    if not folder.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise SystemExit(f"error: model folder not found: {source}")
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read a model config from {source!r}: {str(error).splitlines()[0]}") from error
+    from chiar.training import load_config
+
+    config = load_config(source, "MODEL")  # a missing folder, no config.json, an unreadable config: one line
     if config.model_type != "chiar":
         raise SystemExit(f"error: {source} holds a {config.model_type!r} model; chiar-export writes CHIAR checkpoints only.")
     architectures = getattr(config, "architectures", None) or ["ChiarForCausalLM"]

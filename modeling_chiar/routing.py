@@ -626,8 +626,9 @@ def statistics_before_step(routers):
 def undo_if_not_finite(saved, loss):
     """Put back the statistics of `statistics_before_step` if `loss` is not finite, counting the undone
     updates in `skipped_updates`; no host sync (the choice is a `torch.where` on the device)."""
+    finite = torch.isfinite(loss.detach()).all()
     for router, thresholds, train_thresholds, updates in saved:
-        finite = torch.isfinite(loss.detach()).all().to(router.thresholds.device)
+        finite = finite.to(router.thresholds.device)
         moved = router.num_updates != updates
         router.thresholds.copy_(torch.where(finite, router.thresholds, thresholds))
         router.train_thresholds.copy_(torch.where(finite, router.train_thresholds, train_thresholds))

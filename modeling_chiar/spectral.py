@@ -44,7 +44,7 @@ def spectral_entropy_from_coefficients(coefficients):
 
 
 def spectral_entropy(x, dct=None):
-    """H(x) of docs/architecture.md for hidden vectors x (..., d), in [0, 1] for every finite x; NaN
+    """H(x) of docs/spec.md for hidden vectors x (..., d), in [0, 1] for every finite x; NaN
     where x holds NaN or infinity (no spectrum: it routes nowhere special, every comparison being
     false, and share control refuses to learn from it)."""
     if dct is None:

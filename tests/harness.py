@@ -42,6 +42,7 @@ VARIANTS.update(
         "baseline": dict(layer_schedule=["attention"] * 4),
         "meta-router": dict(use_meta_router=True, routed_operators=THREE_OPS),
         "meta-router-learned": dict(use_meta_router=True, router_type="learned"),
+        "learned-explore": dict(router_type="learned", router_explore=True),
         "post-norm": dict(norm_position="post", routed_operators=THREE_OPS),
         "fixed-thresholds": dict(routed_operators=THREE_OPS, router_thresholds=[0.80, 0.84]),
     }

@@ -179,7 +179,7 @@ def test_cli_render_end_to_end(tmp_path, saved_model, capsys):
     read_png(tmp_path / "out" / "routing.png")
     assert "attention (light)" in (tmp_path / "out" / "routing.html").read_text(encoding="utf-8")
     assert "tokens, 4 layers" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit, match="missing: no such folder or file"):
         cli_main(["render", str(tmp_path / "missing"), "--text", "x", "-o", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="not found"):
         cli_main(["render", str(saved_model), "--text-file", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")])

@@ -202,6 +202,11 @@ def test_streaming_trains_and_evaluates_as_the_data_is_read(tmp_path):
     assert metrics["eval_loss"] > 0 and "eval_routing_layer1_attention" in metrics and "eval_samples" not in metrics
     with pytest.raises(SystemExit, match="--streaming needs --max_steps"):
         run_clm.main([a for a in args(tmp_path, corpus, "--streaming", "--do_train") if a not in ("--max_steps", "8")])
+    no_validation = args(tmp_path, corpus, "--streaming")
+    i = no_validation.index("--validation_file")
+    del no_validation[i : i + 2]
+    with pytest.raises(SystemExit, match="--streaming needs a validation split"):
+        run_clm.main(no_validation)
 
 
 def test_stock_spellings_are_honoured():

@@ -165,9 +165,9 @@ def export(argv):
 def test_export_refuses_a_missing_or_foreign_folder_and_writes_nothing(tmp_path):
     from transformers import GPT2Config
 
-    assert "model folder not found" in export([tmp_path / "nope", tmp_path / "out"])
+    assert f"MODEL {tmp_path / 'nope'}: no such folder or file" in export([tmp_path / "nope", tmp_path / "out"])
     (tmp_path / "empty").mkdir()
-    assert "has no config.json" in export([tmp_path / "empty", tmp_path / "out"])
+    assert "the folder has no config.json" in export([tmp_path / "empty", tmp_path / "out"])
     GPT2Config(n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
     assert "holds a 'gpt2' model; chiar-export writes CHIAR checkpoints only" in export([tmp_path / "gpt2", tmp_path / "out"])
     (tmp_path / "broken").mkdir()
@@ -284,6 +284,7 @@ def test_an_evaluation_share_far_from_its_target_is_named():
     ("--model_name_or_path", "{tmp}/data", "the folder has no config.json (not a saved model)"),
     ("--config_name", "{tmp}/config.json", "cannot read a model config (It looks like the config file"),
     ("--model_type", "no-such-model", "--model_type 'no-such-model': Unrecognized model identifier"),
+    ("--dtype", "float64", "--dtype 'float64': use auto, float32, float16 or bfloat16"),
 ])
 def test_run_clm_names_bad_sizes_and_model_sources(tmp_path, flag, value, message):
     corpus = write_corpus(tmp_path / "data", lines=30)
@@ -295,3 +296,4 @@ def test_run_clm_names_bad_sizes_and_model_sources(tmp_path, flag, value, messag
 def test_a_label_column_with_one_class_is_named(tmp_path):
     train = jsonl(tmp_path / "train.jsonl", [{"text": TEXT, "label": "positive"}] * 20)
     run_and_expect(run_classification.main, classification_args(tmp_path, train), "holds one class only (['positive'])")
+
