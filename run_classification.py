@@ -28,7 +28,6 @@ import datasets
 import numpy as np
 import transformers
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
     HfArgumentParser,
@@ -50,8 +49,8 @@ from chiar.training import (
     hub_kwargs,
     load_config,
     prepare_training_args,
-    resolve_config,
 )
+from chiar.variants import resolve_config
 
 logger = logging.getLogger(__name__)
 SCRATCH_DEFAULTS = {"learning_rate": 5e-4, "warmup_steps": 0.05, "weight_decay": 0.01}

@@ -20,7 +20,6 @@ all_results.json, the Trainer logs). Works under `accelerate launch` (CPU or GPU
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from transformers import (
 import modeling_chiar  # noqa: F401  (registers CHIAR with the Auto classes)
 from chiar.callbacks import RoutingLoggingCallback
 from chiar.data import ArgumentError, check_text_column, load_raw_datasets, source_of
+from chiar.evaluation import perplexity
 from chiar.training import (
     ChiarTrainer,
     apply_config_overrides,
@@ -51,8 +51,8 @@ from chiar.training import (
     load_config,
     model_dtype,
     prepare_training_args,
-    resolve_config,
 )
+from chiar.variants import resolve_config
 
 logger = logging.getLogger(__name__)
 # TrainingArguments values used when training from scratch unless given on the command line.
@@ -257,7 +257,7 @@ def main(argv=None):
         metrics = trainer.evaluate()
         if size(eval_dataset) is not None:  # a stream has no length
             metrics["eval_samples"] = size(eval_dataset)
-        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+        metrics["perplexity"] = perplexity(metrics["eval_loss"])
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 

@@ -1,7 +1,7 @@
 """The model's invariants on an accelerator: every variant of the test harness, run on `--device`.
 
 The test suite runs on the CPU; this script runs the properties that could break on a GPU (other
-kernels, other reduction orders, bf16) over the same variants (`tests/harness.py`):
+kernels, other reduction orders, bf16) over the same variants (chiar/variants.py, on the tests' shape):
 
 - causality: changing future tokens leaves earlier logits unchanged (eval and train mode);
 - cached greedy decoding produces the same tokens as uncached decoding;
@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the harness lives in tests/
-from common import default_device, describe_device  # noqa: E402
-from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification  # noqa: E402
-from tests.harness import VARIANTS, build, random_ids  # noqa: E402
+from chiar.variants import VARIANTS, build, random_ids, variant_config
+from common import default_device, describe_device
+from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification
 
 
 def causality(model, device, mode):
@@ -89,10 +88,8 @@ def sdpa_gradient_gap(variant, device):
 
 
 def bf16_training_stays_finite(device, steps=60):
-    from modeling_chiar import ChiarConfig
-
     torch.manual_seed(0)
-    config = ChiarConfig(vocab_size=512, max_position_embeddings=320)  # v1 shape, threshold router
+    config = variant_config("chiar-threshold", vocab_size=512, max_position_embeddings=320)  # v1 shape
     model = ChiarForCausalLM._from_config(config, attn_implementation="sdpa").to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)

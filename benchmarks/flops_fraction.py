@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from common import provenance
-from modeling_chiar import ChiarConfig, ChiarModel, routing_report
+from chiar.variants import variant_config
+from modeling_chiar import ChiarModel, routing_report
 
 
 def measure(length, implementation, capacity_factor, sequences, calibration_batches=8, seed=0):
     torch.manual_seed(seed)
-    config = ChiarConfig(vocab_size=8192, hidden_dropout=0.0, max_position_embeddings=max(length, 2048),
-                         router_capacity_factor=capacity_factor)
+    config = variant_config("chiar-threshold", vocab_size=8192, hidden_dropout=0.0, max_position_embeddings=max(length, 2048),
+                            router_capacity_factor=capacity_factor)
     model = ChiarModel._from_config(config, attn_implementation=implementation)
     generator = torch.Generator().manual_seed(seed)
     model.train()

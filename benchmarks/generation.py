@@ -21,32 +21,21 @@ import time
 
 import torch
 
-from common import RESULTS, describe_device, paired_speedup, provenance, sync, timing_parser, timing_settings
-from modeling_chiar import ChiarConfig, ChiarForCausalLM
+from chiar.variants import variant_config
+from common import RESULTS, calibrated_model, describe_device, paired_speedup, provenance, sync, timing_parser, timing_settings
+from modeling_chiar import ChiarForCausalLM
 
 PROFILES = {
     "quick": dict(lengths=[256, 1024, 2048], steps=32, uncached_steps=4, rounds=5, batch=1),
     "full": dict(lengths=[1024, 4096, 16384], steps=128, uncached_steps=8, rounds=5, batch=8),
 }
 
-VARIANTS = {
-    "baseline": dict(layer_schedule=["attention"] * 4),
-    "chiar-2op": dict(),
-    "chiar-3op": dict(routed_operators=["dct", "rbf", "attention"]),
-    "chiar-random": dict(router_type="random"),
-}
+VARIANTS = ["baseline", "chiar-threshold", "chiar-3op", "chiar-random"]  # names in chiar/variants.py
 
 
 def build(name, max_length, device, dtype):
-    torch.manual_seed(0)
-    config = ChiarConfig(vocab_size=8192, hidden_dropout=0.0, max_position_embeddings=max_length, **VARIANTS[name])
-    model = ChiarForCausalLM._from_config(config, attn_implementation="sdpa").to(device=device, dtype=dtype)
-    model.train()  # calibrate the threshold routers to their 25% target on random tokens
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randint(0, 8192, (2, min(256, max_length)), generator=generator).to(device))
-    return model.eval()
+    config = variant_config(name, vocab_size=8192, hidden_dropout=0.0, max_position_embeddings=max_length)
+    return calibrated_model(ChiarForCausalLM, config, device, dtype).eval()
 
 
 @torch.inference_mode()

@@ -1,33 +1,38 @@
 """Quality of CHIAR against the full-attention model of the same shape: same data, seed and steps.
 
+Every run is a user's run: run_clm.py / run_classification.py, called with the variant's config
+(chiar/variants.py) as --config_overrides, trains and evaluates it through the Trainer, and this
+script collects what the run left (eval/test results, trainer_state.json) into one JSON file.
+
 Language modelling (`--task wikitext`, default): WikiText-2 from ../shared/data/wikitext-2 (or
---data_dir), one byte-level BPE trained on its training split, v1 shape (4 layers, d=256, 4 heads,
-FFN 1024), blocks of 256 tokens. Variants: the baseline, CHIAR with the threshold router, the learned
-router, the random router at the same 25% attention share (the control), and the 3-operator CHIAR.
-Each trains for the same steps from the same seed; the script reports validation and test
-perplexity, the attention query / FLOP fractions executed on validation, training wall-clock time
-and per-layer routing shares, and plots validation perplexity against step and against attention
-FLOPs. With `--seeds 0 1 2` every variant trains once per seed (the seed sets the initial weights
-and the batch order, the same for every variant within a seed; for classification also the
-validation split and the sampled subsets), and the JSON adds a summary: each variant's mean and
-range over seeds, and its per-seed differences from the baseline and from the random control,
-which say whether a gap is larger than the seeds' own spread.
+--data_dir), the byte-level BPE that run_clm.py trains on its training split (trained by the first
+run, reused by the others), v1 shape (configs/chiar-v1-2op.json: 4 layers, d=256, 4 heads, FFN 1024),
+blocks of 256 tokens, AdamW (beta2 0.95), cosine schedule with 5% warm-up. Variants: the baseline,
+CHIAR with the threshold router, the learned router (and exploring), the random router at the same
+25% attention share (the control), and the 3-operator CHIAR. Each trains for the same steps from
+the same seed; the JSON has validation and test perplexity, the attention query / FLOP fractions
+executed on validation, per-layer routing shares and the validation curve, and two plots:
+validation perplexity against step and against attention FLOPs. Every variant trains once per
+seed (the seed sets the initial weights and the batch order, the same for every variant within a
+seed; for classification also the validation split and the sampled subsets), and the JSON adds a
+summary: each variant's mean and range over seeds, and its per-seed differences from the baseline
+and from the random control, which say whether a gap is larger than the seeds' own spread.
 
 Classification (`--task imdb` / `--task listops`): run_classification.py for the bidirectional
 CHIAR and the baseline, model selection on validation, accuracy on test.
 
-    python benchmarks/quality.py                          # quick CPU profile, seed 0 (about 12 min on 2 cores)
-    python benchmarks/quality.py --seeds 0 1 2            # the same, three seeds (about 35 min; docs/benchmarks.md)
+    python benchmarks/quality.py                          # WikiText-2, quick CPU profile, seeds 0 1 2 (docs/benchmarks.md)
+    python benchmarks/quality.py --seeds 0 --steps 20     # a smoke run
     python benchmarks/quality.py --profile full           # GPU profile (full epochs)
     python benchmarks/quality.py --task imdb              # IMDB, quick profile
     python benchmarks/quality.py --task listops           # ListOps, quick profile
 
-Writes benchmarks/results/quality-<task>-<profile>.json and PNG plots next to it.
+Writes benchmarks/results/quality-<task>-<profile>-<cpu|cuda>.json (and PNG plots next to it); the
+runs' folders go to benchmarks/results/runs-* (not committed).
 """
 
 import argparse
 import json
-import math
 import shutil
 import time
 from collections import Counter
@@ -35,98 +40,68 @@ from pathlib import Path
 
 import torch
 
-from chiar.evaluation import RoutingAccumulator
-from chiar.training import train_tokenizer
-from common import RESULTS, default_device, describe_device
-from modeling_chiar import ChiarConfig, ChiarForCausalLM
+from chiar.evaluation import perplexity
+from chiar.variants import config_overrides_argument
+from common import RESULTS, default_device, describe_device, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
-LM_VARIANTS = {
-    "baseline": dict(layer_schedule=["attention"] * 4),
-    "chiar-threshold": dict(),
-    "chiar-learned": dict(router_type="learned"),
-    "chiar-learned-explore": dict(router_type="learned", router_explore=True),
-    "chiar-random": dict(router_type="random"),
-    "chiar-3op": dict(routed_operators=["dct", "rbf", "attention"]),
-}
+SHAPE = "chiar-v1-2op"  # configs/: the paper's v1 shape
+LM_VARIANTS = ["baseline", "chiar-threshold", "chiar-learned", "chiar-learned-explore", "chiar-random", "chiar-3op"]  # chiar/variants.py
 PROFILES = {
-    "quick": dict(steps=200, batch=8, eval_every=50, eval_blocks=32, final_blocks=96, vocab=8192, lr=1e-3),
-    "full": dict(steps=None, epochs=6, batch=32, eval_every=250, eval_blocks=None, final_blocks=None, vocab=16384, lr=1e-3),
+    "quick": dict(steps=200, batch=8, eval_every=50, eval_blocks=96, vocab=8192, lr=1e-3),  # eval_blocks: also test blocks
+    "full": dict(steps=None, epochs=6, batch=32, eval_every=250, eval_blocks=None, vocab=16384, lr=1e-3),
 }
 BLOCK = 256
 
 
-def blocks(tokenizer, path, limit=None):
-    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"])
-    data = ids[: len(ids) // BLOCK * BLOCK].view(-1, BLOCK)
-    return data[:limit] if limit else data
+def run_script(module, argv):
+    """`module.main(argv)` in this process (the scripts live at the repository root)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    return __import__(module).main(argv)
 
 
-@torch.no_grad()
-def evaluate(model, data, batch, device, routing=False):
-    """Perplexity of `data` (the task loss, without the router's auxiliary loss) and routing metrics."""
-    model.eval()
-    accumulator = RoutingAccumulator(model.config) if routing else None
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(data), batch):
-        ids = data[start : start + batch].to(device)
-        out = model(ids, labels=ids, output_routing=routing)
-        loss = out.loss - (model.config.router_aux_loss_coef * out.aux_loss if out.aux_loss is not None else 0.0)
-        tokens = ids.numel() - ids.shape[0]
-        total_loss += float(loss) * tokens
-        total_tokens += tokens
-        if routing:
-            accumulator.add(out.routing)
-    model.train()
-    return math.exp(total_loss / total_tokens), (accumulator.metrics() if routing else {})
-
-
-def train_lm(name, settings, train, valid, test, vocab_size, pad_id, device, dtype, seed=0, probe=None, extra=None):
-    """Train one variant, its config changed further by `extra` if given; `probe(step, model, output)`, if
-    given, sees each step's output before backward."""
-    torch.manual_seed(seed)
-    overrides = dict(LM_VARIANTS[name], **(extra or {}))
-    config = ChiarConfig(vocab_size=vocab_size, pad_token_id=pad_id, max_position_embeddings=BLOCK, **overrides)
-    model = ChiarForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
-    steps = settings["steps"] or settings["epochs"] * (len(train) // settings["batch"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    generator = torch.Generator().manual_seed(seed)  # same batches for every variant
-    curve, train_seconds = [], 0.0
-    model.train()
-    for step in range(1, steps + 1):
-        batch = train[torch.randint(0, len(train), (settings["batch"],), generator=generator)].to(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            output = model(batch, labels=batch)
-        if probe is not None:
-            probe(step, model, output)
-        loss = output.loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds += time.perf_counter() - start
-        if step % settings["eval_every"] == 0 or step == steps:
-            ppl, _ = evaluate(model, valid[: settings["eval_blocks"]] if settings["eval_blocks"] else valid, 16, device)
-            curve.append({"step": step, "valid_perplexity": ppl, "train_loss": loss.item()})
-            print(f"  {name:16} seed {seed}  step {step:>6}/{steps}  train loss {loss.item():.3f}  valid ppl {ppl:8.2f}", flush=True)
-    final = settings["final_blocks"]
-    valid_ppl, routing = evaluate(model, valid[:final] if final else valid, 16, device, routing=True)
-    test_ppl, _ = evaluate(model, test[:final] if final else test, 16, device)
+def train_lm(name, settings, data, out, tokenizer, seed=0, extra=None, device="cpu"):
+    """Train variant `name` with run_clm.py (the Trainer path a user's run takes) into `out`; its
+    config changed further by `extra`; the tokenizer folder `tokenizer` if given, else trained there."""
+    shutil.rmtree(out, ignore_errors=True)  # run_clm.py resumes from a checkpoint it finds there
+    overrides = config_overrides_argument(name) + f",max_position_embeddings={BLOCK}"
+    overrides += "".join(f",{key}={json.dumps(value)}" for key, value in (extra or {}).items())
+    argv = ["--output_dir", str(out), "--config_name", SHAPE, "--config_overrides", overrides, "--block_size", str(BLOCK),
+            "--train_file", str(data / "wiki.train.tokens"), "--validation_file", str(data / "wiki.valid.tokens"),
+            "--test_file", str(data / "wiki.test.tokens"), "--tokenizer_vocab_size", str(settings["vocab"]),
+            "--seed", str(seed), "--per_device_train_batch_size", str(settings["batch"]), "--per_device_eval_batch_size", "16",
+            "--learning_rate", str(settings["lr"]), "--lr_scheduler_type", "cosine", "--adam_beta2", "0.95",
+            "--eval_strategy", "steps", "--eval_steps", str(settings["eval_every"]), "--logging_steps", str(settings["eval_every"]),
+            "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
+    argv += ["--max_steps", str(settings["steps"])] if settings["steps"] else ["--num_train_epochs", str(settings["epochs"])]
+    if settings["eval_blocks"]:
+        argv += ["--max_eval_samples", str(settings["eval_blocks"])]
+    if tokenizer:
+        argv += ["--tokenizer_name", str(tokenizer)]
+    if torch.device(device).type == "cuda":
+        argv += ["--bf16", "true"]
+    else:
+        argv += ["--use_cpu", "true"]
+    run_script("run_clm", argv)
+    results = {split: json.loads((out / f"{split}_results.json").read_text()) for split in ("train", "eval", "test")}
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = {row["step"]: row["loss"] for row in history if "loss" in row}
+    curve = [{"step": row["step"], "valid_perplexity": perplexity(row["eval_loss"]), "train_loss": losses.get(row["step"])}
+             for row in history if "eval_loss" in row]
+    evaluation, steps = results["eval"], history[-1]["step"]
+    if not curve or curve[-1]["step"] != steps:  # the final evaluation, when the last step was not an eval step
+        curve.append({"step": steps, "valid_perplexity": evaluation["eval_perplexity"], "train_loss": losses.get(steps)})
     return {
-        "model": name, "config_overrides": overrides, "seed": seed, "steps": steps, "train_seconds": train_seconds,
-        "valid_perplexity": valid_ppl, "test_perplexity": test_ppl, "curve": curve,
-        "attention_query_fraction": routing.get("attention_query_fraction"),
-        "attention_flops_fraction": routing.get("attention_flops_fraction"),
-        "routing": {k: v for k, v in routing.items() if k.startswith(("routing_layer", "entropy_layer"))},
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "model": name, "config_overrides": overrides, "seed": seed, "steps": steps,
+        "train_seconds": results["train"]["train_runtime"], "valid_perplexity": evaluation["eval_perplexity"],
+        "test_perplexity": results["test"]["test_perplexity"], "curve": curve,
+        "attention_query_fraction": evaluation.get("eval_attention_query_fraction"),
+        "attention_flops_fraction": evaluation.get("eval_attention_flops_fraction"),
+        "routing": {key.removeprefix("eval_"): value for key, value in evaluation.items()
+                    if key.startswith(("eval_routing_layer", "eval_entropy_layer", "eval_overflow_layer"))},
+        "run": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
     }
 
 
@@ -176,26 +151,17 @@ def plot(results, path_prefix, title):
     return [str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path) for path in (curve_path, flops_path)]
 
 
-def load_wikitext(data_dir, vocab):
-    """(train, valid, test, tokenizer): WikiText-2 in blocks of 256 tokens of a BPE trained on its training split."""
-    folder = Path(data_dir or ROOT.parent / "shared" / "data") / "wikitext-2"
-    if not folder.is_dir():
-        raise SystemExit(f"WikiText-2 not found at {folder}: pass --data_dir (the folder holding wikitext-2/).")
-    train_text = (folder / "wiki.train.tokens").read_text(encoding="utf-8")
-    tokenizer = train_tokenizer((line for line in train_text.splitlines() if line.strip()), vocab)
-    train, valid, test = (blocks(tokenizer, folder / f"wiki.{s}.tokens") for s in ("train", "valid", "test"))
-    print(f"WikiText-2: {len(train)} / {len(valid)} / {len(test)} blocks of {BLOCK}; vocabulary {len(tokenizer)}")
-    return train, valid, test, tokenizer
-
-
-def wikitext(args, settings, device, dtype, save):
-    train, valid, test, tokenizer = load_wikitext(args.data_dir, settings["vocab"])
-    learned = None if args.router_aux_loss_coef is None else {"router_aux_loss_coef": args.router_aux_loss_coef}
-    results = []
+def wikitext(args, settings, save):
+    data = Path(args.data_dir or ROOT.parent / "shared" / "data") / "wikitext-2"
+    if not data.is_dir():
+        raise SystemExit(f"WikiText-2 not found at {data}: pass --data_dir (the folder holding wikitext-2/).")
+    extra = None if args.router_aux_loss_coef is None else {"router_aux_loss_coef": args.router_aux_loss_coef}
+    results, tokenizer = [], None
     for seed in args.seeds:  # seed by seed: a run stopped early leaves whole seeds to compare
-        for name in args.variants or list(LM_VARIANTS):
-            results.append(train_lm(name, settings, train, valid, test, len(tokenizer), tokenizer.pad_token_id, device, dtype,
-                                    seed, extra=learned if name == "chiar-learned" else None))
+        for name in args.variants or LM_VARIANTS:
+            out = args.results_dir / f"runs-wikitext-{args.profile}-{name}-seed{seed}"
+            results.append(train_lm(name, settings, data, out, tokenizer, seed, extra if name == "chiar-learned" else None, args.device))
+            tokenizer = tokenizer or out / "tokenizer"  # the first run trains it (as a user's run would), the others reuse it
             print(json.dumps({k: v for k, v in results[-1].items() if k not in ("curve", "routing")}), flush=True)
             save(results, complete=False)
     return results
@@ -234,11 +200,6 @@ def seed_summary(results, metric="perplexity"):
 
 
 def classification(args, settings, task, save, results_dir):
-    import sys
-
-    sys.path.insert(0, str(ROOT))  # run_classification.py lives at the repository root
-    import run_classification
-
     results = []
     quick = args.profile == "quick"
     runs = [(seed, name, overrides) for seed in args.seeds
@@ -263,7 +224,7 @@ def classification(args, settings, task, save, results_dir):
                 argv += ["--listops_num_train", "4000", "--listops_num_val", "500", "--listops_num_test", "500",
                          "--listops_min_length", "100", "--listops_max_length", "300", "--max_seq_length", "512"]
         start = time.perf_counter()
-        run_classification.main(argv)
+        run_script("run_classification", argv)
         test = json.loads((out / "test_results.json").read_text())
         evaluation = json.loads((out / "eval_results.json").read_text())
         labels = [json.loads(line)["label"] for line in (out / "test_predictions.jsonl").read_text().splitlines()]
@@ -284,8 +245,8 @@ def main():
     parser.add_argument("--steps", type=int, help="override the profile's training steps (wikitext)")
     parser.add_argument("--epochs", type=int, help="override the full profile's epochs (wikitext)")
     parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="train every variant once per seed; the JSON summarises them (default: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="train every variant once per seed; the JSON summarises them (default: 0 1 2)")
     parser.add_argument("--router_aux_loss_coef", type=float,
                         help="the learned router's auxiliary-loss weight (default: the config's, 5.0); recorded in the JSON")
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
@@ -303,11 +264,10 @@ def main():
     if args.epochs:
         settings["epochs"] = args.epochs
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     args.results_dir = args.results_dir.resolve()
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    prefix = args.results_dir / f"quality-{args.task}-{args.profile}{'-' + args.tag if args.tag else ''}"
+    prefix = args.results_dir / f"quality-{args.task}-{args.profile}-{device.type}{'-' + args.tag if args.tag else ''}"
     machine = describe_device(device)
 
     def save(results, complete):  # after every variant, so a run stopped early still leaves its results
@@ -316,14 +276,14 @@ def main():
             length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']} epochs"
             plots = plot(results, prefix, f"WikiText-2, v1 shape, {length}")
         record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
-                  "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "complete": complete,
+                  **provenance(), "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "complete": complete,
                   "plots": plots, "results": results}
         if len(args.seeds) > 1:
             record["summary"] = seed_summary(results, "perplexity" if args.task == "wikitext" else "accuracy")
         Path(f"{prefix}.json").write_text(json.dumps(record, indent=2) + "\n")
 
     if args.task == "wikitext":
-        results = wikitext(args, settings, device, dtype, save)
+        results = wikitext(args, settings, save)
     else:
         results = classification(args, settings, args.task, save, args.results_dir)
     save(results, complete=True)

@@ -28,29 +28,20 @@ Results: benchmarks/results/routing_signal-cpu.json.
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS, describe_device, provenance  # noqa: E402
-from modeling_chiar import ChiarConfig, ChiarForCausalLM  # noqa: E402
-from modeling_chiar.routing import RoutingDecision  # noqa: E402
+from chiar.variants import variant_config
+from common import RESULTS, describe_device, provenance
+from modeling_chiar import ChiarForCausalLM
+from modeling_chiar.routing import RoutingDecision  # what a router returns: the oracle returns it too
 
 SCHEDULE = ["dct", "routed", "dct", "dct"]
-VARIANTS = {
-    "baseline": dict(layer_schedule=["attention"] * 4),
-    "oracle": dict(router_type="random"),  # its router is replaced by OracleRouter
-    "random": dict(router_type="random"),
-    "threshold": dict(router_type="threshold"),
-    "learned": dict(router_type="learned"),
-    "learned-explore": dict(router_type="learned", router_explore=True),
-}
+# Names in chiar/variants.py, and the oracle (the random variant with its router replaced by OracleRouter).
+VARIANTS = ["baseline", "oracle", "chiar-random", "chiar-threshold", "chiar-learned", "chiar-learned-explore"]
 
 
 def task_batch(task, batch, length, content, lag, query_rate, distractor_rate, generator):
@@ -89,8 +80,7 @@ def build(variant, args, seed):
                     intermediate_size=2 * args.hidden_size, num_hidden_layers=4, layer_schedule=SCHEDULE,
                     max_position_embeddings=args.length, router_block_size=args.length, hidden_dropout=0.0,
                     attention_dropout=0.0, pad_token_id=0)
-    settings.update(VARIANTS[variant])
-    model = ChiarForCausalLM(ChiarConfig(**settings))
+    model = ChiarForCausalLM(variant_config("chiar-random" if variant == "oracle" else variant, base=settings))
     if variant == "oracle":
         model.model.layers[1].mixer.router = OracleRouter()
     return model
@@ -193,7 +183,7 @@ def main():
                 row = run(task, variant, args, seed)
                 rows.append(row)
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k != "train_seconds")
-                print(f"{task} seed {seed} {variant:<9} {shown} ({row['train_seconds']} s)", flush=True)
+                print(f"{task} seed {seed} {variant:<21} {shown} ({row['train_seconds']} s)", flush=True)
     result = {"benchmark": "routing_signal", "tasks": args.tasks, "settings": {k: v for k, v in vars(args).items() if k != "output"}, "schedule": SCHEDULE,
               "device": describe_device(torch.device("cpu")), **provenance(), "runs": rows, "summary": summarise(rows)}
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -28,23 +28,19 @@ import torch
 
 from common import (RESULTS, calibrated_model, describe_device, interleaved_rounds, paired_speedup, provenance, sync, timing_parser,
                     timing_settings)
-from modeling_chiar import ChiarConfig, ChiarForCausalLM, ChiarModel, routing_report
+from chiar.variants import variant_config
+from modeling_chiar import ChiarForCausalLM, ChiarModel, routing_report
 
 PROFILES = {
     "quick": dict(lengths=[256, 1024, 4096], tokens_per_batch=4096, rounds=5),
     "full": dict(lengths=[256, 1024, 4096, 16384], tokens_per_batch=32768, rounds=7),
 }
-VARIANTS = {
-    "baseline": dict(layer_schedule=["attention"] * 4),
-    "chiar-threshold": dict(),
-    "chiar-random": dict(router_type="random"),
-    "chiar-3op": dict(routed_operators=["dct", "rbf", "attention"]),
-}
+VARIANTS = ["baseline", "chiar-threshold", "chiar-random", "chiar-3op"]  # names in chiar/variants.py
 VOCAB = 8192
 
 
 def build(model_class, variant, max_length, device, dtype):
-    config = ChiarConfig(vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max_length, **VARIANTS[variant])
+    config = variant_config(variant, vocab_size=VOCAB, hidden_dropout=0.0, max_position_embeddings=max_length)
     return calibrated_model(model_class, config, device, dtype)
 
 

@@ -19,12 +19,12 @@ afterwards; the replacements follow the router interface of `modeling_chiar/rout
 """
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from chiar.evaluation import perplexity
 from chiar.routing_stats import default_length, make_batches, pad_id_for, routed_passes
 from chiar.routing_viz import eval_mode, load_model
 from modeling_chiar.fp32_buffers import KeepsFP32Buffers
@@ -224,7 +224,7 @@ class Evaluation:
         if self.examples:
             return {"accuracy": self.correct / self.examples, "examples": self.examples, "shares": shares, "requested": requested}
         loss = self.nll / max(self.predicted, 1)
-        return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "predicted_tokens": self.predicted, "shares": shares,
+        return {"perplexity": perplexity(loss), "loss": loss, "predicted_tokens": self.predicted, "shares": shares,
                 "requested": requested}
 
 

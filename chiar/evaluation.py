@@ -7,11 +7,17 @@ and took the cheapest one instead), and `entropy_layer{i}` (mean spectral entrop
 records (`outputs.routing`) and FLOP accounting (`modeling_chiar.flops`).
 """
 
+import math
 import re
 
 import torch
 
 from modeling_chiar.flops import full_attention_layer_flops
+
+
+def perplexity(loss):
+    """exp(mean token loss), clamped where exp overflows a float (a diverged run reads as ~1e304)."""
+    return math.exp(min(loss, 700.0))
 
 
 class RoutingAccumulator:

@@ -1,10 +1,10 @@
-"""What run_clm.py and run_classification.py share: named configs, checks of the output folder and
-of a checkpoint to resume, a locally trained tokenizer, and a Trainer that reports routing next to
-the loss. Data files and their checks live in chiar/data.py."""
+"""What run_clm.py and run_classification.py share: configs read from folders, files or the Hub,
+checks of the output folder and of a checkpoint to resume, a locally trained tokenizer, and a
+Trainer that reports routing next to the loss. Data files and their checks live in chiar/data.py,
+named configs and variants in chiar/variants.py."""
 
 import json
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -13,26 +13,13 @@ import torch
 from transformers import PreTrainedTokenizerFast, Trainer
 
 from chiar.data import ArgumentError
-from chiar.evaluation import RoutingAccumulator
+from chiar.evaluation import RoutingAccumulator, perplexity
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SPECIAL_TOKEN = "<|endoftext|>"
 # Config entries that differ between two runs of one model without changing it.
 NOT_THE_MODEL = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation",
                  "_attn_implementation_autoset", "auto_map", "_commit_hash"}
 logger = logging.getLogger(__name__)
-
-
-def resolve_config(name):
-    """A config path, or the name of a config shipped in configs/ (e.g. `chiar-tiny`)."""
-    path = Path(name)
-    if path.is_file():
-        return str(path)
-    shipped = CONFIG_DIR / f"{name.removesuffix('.json')}.json"
-    if shipped.is_file():
-        return str(shipped)
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
-    raise ArgumentError(f"--config_name {name!r} is neither a file nor a shipped config ({available}).")
 
 
 def load_config(source, flag, **kwargs):
@@ -285,6 +272,6 @@ class ChiarTrainer(Trainer):
             metrics[f"{metric_key_prefix}_next_token_accuracy"] = correct / predicted
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None and predicted:
-            metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 700.0))
+            metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
         output.metrics.update(metrics)
         return output

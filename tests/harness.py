@@ -1,4 +1,5 @@
-"""The shared harness: one tiny config and the list of model variants every property test runs over."""
+"""The shared harness: one tiny shape, on which the property tests run every variant of the registry
+(chiar/variants.py)."""
 
 import os
 from pathlib import Path
@@ -7,61 +8,18 @@ import pytest
 import torch
 
 import modeling_chiar  # noqa: F401  (registers the Auto classes)
+# The tests import the registry's names from here; `build` makes a variant on the test shape.
+from chiar.variants import TEST_SHAPE, THREE_OPS, TWO_OPS, VARIANTS, build, random_ids  # noqa: F401
+from chiar.variants import overrides as variant_overrides
 from modeling_chiar import ChiarConfig
 
 DATA_DIR = Path(os.environ.get("CHIAR_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=64,
-    rbf_num_features=16,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    max_position_embeddings=512,
-    pad_token_id=0,
-    router_block_size=8,  # small blocks, so the budget binds on the tests' short sequences
-)
-
-TWO_OPS = ["dct", "attention"]
-THREE_OPS = ["dct", "rbf", "attention"]
-
-# Every router x operator combination, plus the schedules the spec names.
-VARIANTS = {
-    f"{router}-{'+'.join(ops)}": dict(router_type=router, routed_operators=ops)
-    for router in ("threshold", "learned", "soft", "random")
-    for ops in (TWO_OPS, THREE_OPS, ["rbf", "attention"], ["dct", "rbf"])
-}
-VARIANTS.update(
-    {
-        "all-routed-3op": dict(layer_schedule=["routed"] * 4, routed_operators=THREE_OPS),
-        "all-rbf": dict(layer_schedule=["rbf"] * 4),
-        "all-dct": dict(layer_schedule=["dct"] * 4),
-        "baseline": dict(layer_schedule=["attention"] * 4),
-        "meta-router": dict(use_meta_router=True, routed_operators=THREE_OPS),
-        "meta-router-learned": dict(use_meta_router=True, router_type="learned"),
-        "learned-explore": dict(router_type="learned", router_explore=True),
-        "post-norm": dict(norm_position="post", routed_operators=THREE_OPS),
-        "fixed-thresholds": dict(routed_operators=THREE_OPS, router_thresholds=[0.80, 0.84]),
-    }
-)
+TINY = TEST_SHAPE
 
 
 def tiny_config(**overrides):
     return ChiarConfig(**{**TINY, **overrides})
-
-
-def build(model_class, variant, attn_implementation="eager", seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = tiny_config(**{**VARIANTS[variant], **overrides})
-    return model_class._from_config(config, attn_implementation=attn_implementation)
-
-
-def random_ids(batch, length, seed=0, vocab=TINY["vocab_size"]):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (batch, length), generator=generator)
 
 
 def data_dir_or_skip(name):

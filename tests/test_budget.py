@@ -85,7 +85,7 @@ def test_query_slots_hold_every_granted_token_once(continues):
 
 
 def test_slots_per_block_follow_the_capacity_factor():
-    config = build(ChiarForCausalLM, "threshold-dct+rbf+attention", router_block_size=128).config
+    config = build(ChiarForCausalLM, "chiar-3op", router_block_size=128).config
     assert slots_per_block(config, "attention") == 32  # 25% of 128 at factor 1
     config.router_capacity_factor = 1.125
     assert slots_per_block(config, "attention") == 36

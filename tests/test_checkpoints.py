@@ -23,7 +23,7 @@ def calibrated(model_class, variant, **overrides):
     return model.eval()
 
 
-@pytest.mark.parametrize("variant", ["threshold-dct+rbf+attention", "learned-dct+attention", "meta-router", "all-rbf"])
+@pytest.mark.parametrize("variant", ["chiar-3op", "chiar-learned", "meta-router", "all-rbf"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, variant):
     model = calibrated(ChiarForCausalLM, variant)
     model.save_pretrained(tmp_path)
@@ -43,7 +43,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, variant):
 
 
 def test_calibrated_thresholds_are_in_the_checkpoint(tmp_path):
-    model = calibrated(ChiarForCausalLM, "threshold-dct+attention")
+    model = calibrated(ChiarForCausalLM, "chiar-threshold")
     router = model.model.layers[1].mixer.router
     assert int(router.num_updates) == 3
     model.save_pretrained(tmp_path)
@@ -54,7 +54,7 @@ def test_calibrated_thresholds_are_in_the_checkpoint(tmp_path):
 
 
 def test_heads_load_each_others_bodies(tmp_path):
-    lm = calibrated(ChiarForCausalLM, "threshold-dct+rbf+attention")
+    lm = calibrated(ChiarForCausalLM, "chiar-3op")
     lm.save_pretrained(tmp_path)
     body = ChiarModel.from_pretrained(tmp_path)
     classifier = ChiarForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
@@ -64,7 +64,7 @@ def test_heads_load_each_others_bodies(tmp_path):
 
 
 def test_saved_folder_has_code_and_a_complete_auto_map(tmp_path):
-    build(ChiarForCausalLM, "threshold-dct+attention").save_pretrained(tmp_path)
+    build(ChiarForCausalLM, "chiar-threshold").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert set(config["auto_map"]) == AUTO_CLASSES
     for reference in config["auto_map"].values():
@@ -100,7 +100,7 @@ REMOTE = textwrap.dedent(
 
 
 def test_remote_code_round_trip_without_the_project(tmp_path):
-    model = calibrated(ChiarForCausalLM, "threshold-dct+rbf+attention")
+    model = calibrated(ChiarForCausalLM, "chiar-3op")
     model.save_pretrained(tmp_path / "ckpt")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
@@ -114,7 +114,7 @@ def test_remote_code_round_trip_without_the_project(tmp_path):
 
 
 def test_remote_code_classifier_checkpoint(tmp_path):
-    model = calibrated(ChiarForSequenceClassification, "random-dct+attention", is_causal=False, num_labels=3)
+    model = calibrated(ChiarForSequenceClassification, "chiar-random", is_causal=False, num_labels=3)
     model.save_pretrained(tmp_path / "clf")
     code = REMOTE.replace('lm = AutoModelForCausalLM', 'lm = AutoModelForSequenceClassification').replace(
         '"logits": lm(ids).logits', '"logits": lm(ids).logits, "_": 0')
@@ -127,7 +127,7 @@ def test_remote_code_classifier_checkpoint(tmp_path):
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    build(ChiarForCausalLM, "threshold-dct+attention").save_pretrained(tmp_path)
+    build(ChiarForCausalLM, "chiar-threshold").save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     with pytest.raises(ValueError, match="corrupt or truncated"):
@@ -135,7 +135,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
-    build(ChiarForCausalLM, "threshold-dct+attention").save_pretrained(tmp_path)
+    build(ChiarForCausalLM, "chiar-threshold").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not match this model's architecture"):
         ChiarForCausalLM.from_pretrained(tmp_path, layer_schedule=["attention"] * 4)
     with pytest.raises(Exception, match="ignore_mismatched_sizes|size mismatch|mismatch"):
@@ -150,7 +150,7 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
 def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path):
     """A post-norm config on a pre-norm checkpoint (the final norm's weights unused), and untied word
     embeddings on a checkpoint saved tied (a random LM head), fail loudly instead of loading."""
-    model = calibrated(ChiarForCausalLM, "threshold-dct+attention")
+    model = calibrated(ChiarForCausalLM, "chiar-threshold")
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not match this model's architecture.*model.norm"):
         ChiarForCausalLM.from_pretrained(tmp_path, norm_position="post")
@@ -160,7 +160,7 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path):
 
 
 def test_routing_settings_given_at_load_win_over_the_checkpoints_buffers(tmp_path):
-    model = calibrated(ChiarForCausalLM, "threshold-dct+rbf+attention")
+    model = calibrated(ChiarForCausalLM, "chiar-3op")
     model.save_pretrained(tmp_path)
     fixed = ChiarForCausalLM.from_pretrained(tmp_path, router_thresholds=[0.7, 0.9]).model.layers[1].mixer.router
     assert fixed.thresholds.tolist() == pytest.approx([0.7, 0.9]) and not fixed.calibrate

@@ -80,7 +80,7 @@ def test_every_variant_trains_under_fullgraph_compile(variant):
         assert any(not torch.equal(a, b) for other in routings[1:] for a, b in zip(first, other))
 
 
-@pytest.mark.parametrize("variant", ["threshold-dct+attention", "baseline"])
+@pytest.mark.parametrize("variant", ["chiar-threshold", "baseline"])
 def test_inductor_trains_the_default_model_and_the_baseline(variant):
     model = build(ChiarForCausalLM, variant, attn_implementation="sdpa").train()
     train_and_compare(model, "inductor", lm_inputs()[:2])
@@ -93,7 +93,7 @@ def test_inductor_trains_every_variant(variant):
     train_and_compare(model, "inductor", lm_inputs()[:2])
 
 
-@pytest.mark.parametrize("variant", ["threshold-dct+rbf+attention", "learned-dct+attention"])
+@pytest.mark.parametrize("variant", ["chiar-3op", "chiar-learned"])
 def test_dropout_and_its_eval_calibration_pass_compile(variant):
     """With dropout the threshold router calibrates its eval thresholds on a dropout-free pass inside the
     forward: it compiles too (dropout draws differ from eager, so only the trace is checked here)."""
@@ -105,7 +105,7 @@ def test_dropout_and_its_eval_calibration_pass_compile(variant):
 
 
 def test_bidirectional_classifier_trains_under_fullgraph_compile():
-    model = build(ChiarForSequenceClassification, "threshold-dct+rbf+attention", is_causal=False, num_labels=3).train()
+    model = build(ChiarForSequenceClassification, "chiar-3op", is_causal=False, num_labels=3).train()
     inputs = [dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2])) for ids, mask in batches(3)]
     train_and_compare(model, "aot_eager", inputs)
 
@@ -128,7 +128,7 @@ def decode_and_compare(variant, dynamic, steps):
         next_ids = expected.logits[:, -1:].argmax(-1)
 
 
-@pytest.mark.parametrize("variant", ["threshold-dct+rbf+attention", "learned-dct+attention", "baseline"])
+@pytest.mark.parametrize("variant", ["chiar-3op", "chiar-learned", "baseline"])
 def test_a_decoding_step_compiles_without_host_syncs(variant):
     """A decoding step (one new token against the cache, the budget's and RBF's state included) traces
     as one graph: no host sync, no graph break, the same logits as eager."""
@@ -136,7 +136,7 @@ def test_a_decoding_step_compiles_without_host_syncs(variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["threshold-dct+rbf+attention", "learned-dct+attention", "baseline"])
+@pytest.mark.parametrize("variant", ["chiar-3op", "chiar-learned", "baseline"])
 def test_decoding_compiles_once_for_every_length(variant):
     """The cache grows by a token per step; with dynamic=True one graph serves every step (about a
     minute per variant to trace symbolically on 2 cores)."""

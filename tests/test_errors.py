@@ -11,7 +11,7 @@ from modeling_chiar.cache import ChiarCache
 
 @pytest.fixture(scope="module")
 def lm():
-    return build(ChiarForCausalLM, "threshold-dct+rbf+attention").eval()
+    return build(ChiarForCausalLM, "chiar-3op").eval()
 
 
 @pytest.mark.parametrize("bad", [97, 1000, -1])
@@ -56,7 +56,7 @@ def test_labels_out_of_range(lm):
     ids = random_ids(1, 5)
     with pytest.raises(ValueError, match="labels must be -100"):
         lm(ids, labels=torch.tensor([[1, 2, 3, 400, -100]]))
-    clf = build(ChiarForSequenceClassification, "threshold-dct+attention", num_labels=2)
+    clf = build(ChiarForSequenceClassification, "chiar-threshold", num_labels=2)
     with pytest.raises(ValueError, match=r"class ids in \[0, num_labels=2\)"):
         clf(random_ids(2, 5), labels=torch.tensor([0, 5]))
 
@@ -67,7 +67,7 @@ def test_bidirectional_language_model_is_refused():
 
 
 def test_a_bidirectional_model_refuses_a_cache_and_ignores_use_cache(caplog):
-    model = build(ChiarModel, "threshold-dct+attention", is_causal=False).eval()
+    model = build(ChiarModel, "chiar-threshold", is_causal=False).eval()
     ids = random_ids(2, 6)
     with pytest.raises(ValueError, match=r"needs a causal model \(is_causal=True\)"):
         model(ids, cache=ChiarCache(model.config.num_hidden_layers))
@@ -82,6 +82,6 @@ def test_a_bidirectional_model_refuses_a_cache_and_ignores_use_cache(caplog):
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
 def test_the_classifier_refuses_a_cache(name):
-    model = build(ChiarForSequenceClassification, "threshold-dct+attention", num_labels=2).eval()
+    model = build(ChiarForSequenceClassification, "chiar-threshold", num_labels=2).eval()
     with pytest.raises(ValueError, match=f"takes no decoding cache, got {name}"):
         model(random_ids(2, 6), **{name: ChiarCache(model.config.num_hidden_layers)})

@@ -116,7 +116,7 @@ def model_for(variant):
 
 @settings(max_examples=EXAMPLES, **PROFILE)
 @given(
-    variant=st.sampled_from(["threshold-dct+rbf+attention", "learned-dct+attention", "random-dct+attention", "baseline"]),
+    variant=st.sampled_from(["chiar-3op", "chiar-learned", "chiar-random", "baseline"]),
     batch=st.integers(1, 3),
     length=st.integers(0, 30),
     ids_dtype=st.sampled_from([torch.long, torch.int32, torch.float32, torch.bool]),
@@ -160,7 +160,7 @@ def test_random_inputs_are_refused_by_name_or_keep_the_invariants(variant, batch
     length=st.integers(1, 20),
 )
 def test_random_embeddings_are_refused_by_name_or_stay_finite(embeds_dtype, poison, length):
-    model = model_for("threshold-dct+rbf+attention")
+    model = model_for("chiar-3op")
     embeds = torch.randn(2, length, model.config.hidden_size, generator=torch.Generator().manual_seed(length))
     mask = torch.ones(2, length, dtype=torch.long)
     mask[1, : length // 2] = 0
@@ -186,11 +186,11 @@ def test_random_embeddings_are_refused_by_name_or_stay_finite(embeds_dtype, pois
     prompt=st.integers(1, 12),
 )
 def test_random_cache_pairings_are_refused_by_name_or_continue_exactly(other, batch_change, prompt):
-    model = model_for("threshold-dct+rbf+attention")
+    model = model_for("chiar-3op")
     ids = random_ids(2, prompt + 1, seed=prompt)
     with torch.no_grad():
         cache = model(ids[:, :prompt], use_cache=True)[CACHE_NAME]
-        decoder = model if not other else build(ChiarForCausalLM, "threshold-dct+rbf+attention", **other).eval()
+        decoder = model if not other else build(ChiarForCausalLM, "chiar-3op", **other).eval()
         step = ids[: 2 - batch_change, prompt:]
         out = expect(lambda: decoder(step, **{CACHE_NAME: cache}))
         if out is None:

@@ -10,8 +10,8 @@ from modeling_chiar import ChiarForCausalLM
 from modeling_chiar.cache import ChiarCache
 
 GENERATION_VARIANTS = [
-    "threshold-dct+attention",
-    "threshold-dct+rbf+attention",
+    "chiar-threshold",
+    "chiar-3op",
     "learned-dct+rbf+attention",
     "soft-dct+rbf+attention",
     "random-rbf+attention",
@@ -141,7 +141,7 @@ def test_chunked_prefill_in_generate_equals_one_prefill(variant):
 
 
 def test_generate_returns_scores_attentions_and_hidden_states_per_step():
-    model = lm("threshold-dct+rbf+attention")
+    model = lm("chiar-3op")
     out = model.generate(random_ids(2, 6), max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                          output_scores=True, output_logits=True, output_attentions=True, output_hidden_states=True)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
@@ -153,7 +153,7 @@ def test_generate_returns_scores_attentions_and_hidden_states_per_step():
         assert [h.shape for h in out.hidden_states[step]] == [(2, new, model.config.hidden_size)] * (layers + 1)
 
 
-@pytest.mark.parametrize("variant", ["threshold-dct+rbf+attention", "all-rbf", "meta-router"])
+@pytest.mark.parametrize("variant", ["chiar-3op", "all-rbf", "meta-router"])
 def test_beam_search_and_sampling(variant):
     model = lm(variant)
     prompt = random_ids(2, 5, seed=3)
@@ -188,7 +188,7 @@ def test_prefill_in_chunks_equals_one_pass(variant):
 
 
 def test_cache_holds_per_layer_state_of_the_right_size():
-    model = lm("threshold-dct+rbf+attention", layer_schedule=["dct", "routed", "rbf", "attention"], use_meta_router=True)
+    model = lm("chiar-3op", layer_schedule=["dct", "routed", "rbf", "attention"], use_meta_router=True)
     out = model(random_ids(2, 15), use_cache=True)
     cache = out["cache"] if "cache" in out else out["past_key_values"]
     assert isinstance(cache, ChiarCache) and cache.get_seq_length() == 15
@@ -201,13 +201,13 @@ def test_cache_holds_per_layer_state_of_the_right_size():
 
 
 def test_forward_without_use_cache_builds_no_cache():
-    model = lm("threshold-dct+attention")
+    model = lm("chiar-threshold")
     out = model(random_ids(1, 5))
     assert out.get("cache") is None and out.get("past_key_values") is None
 
 
 def test_cache_errors():
-    model = lm("threshold-dct+rbf+attention")
+    model = lm("chiar-3op")
     out = model(random_ids(1, 5), use_cache=True)
     cache = out["cache"] if "cache" in out else out["past_key_values"]
     with pytest.raises(ValueError, match="cannot be cropped"):
@@ -228,7 +228,7 @@ def test_cache_errors():
     # Another model's cache (other depth, schedule or width) is refused, not read as this model's state.
     for other in (dict(num_hidden_layers=3, layer_schedule=None), dict(layer_schedule=["dct", "routed", "attention", "attention"]),
                   dict(hidden_size=64)):
-        foreign = lm("threshold-dct+rbf+attention", **other)
+        foreign = lm("chiar-3op", **other)
         with pytest.raises(ValueError, match="made for another model"):
             foreign(random_ids(1, 1), cache=cache)
     with pytest.raises(ValueError, match="past tokens per row"):  # a mask for other past tokens than the cache's
@@ -241,7 +241,7 @@ def test_text_generation_pipeline():
     from harness import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    model = lm("threshold-dct+rbf+attention", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model = lm("chiar-3op", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     out = generator(["the light falls", "attention is"], max_new_tokens=5, do_sample=False)
     assert len(out) == 2 and all(o[0]["generated_text"].startswith(p) for o, p in zip(out, ["the light falls", "attention is"]))
@@ -254,7 +254,7 @@ def test_text_classification_pipeline():
     from modeling_chiar import ChiarForSequenceClassification
 
     tokenizer = tiny_tokenizer()
-    model = build(ChiarForSequenceClassification, "threshold-dct+rbf+attention", is_causal=False, num_labels=2,
+    model = build(ChiarForSequenceClassification, "chiar-3op", is_causal=False, num_labels=2,
                   vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                   id2label={0: "dark", 1: "light"}, label2id={"dark": 0, "light": 1}).eval()
     classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)

@@ -111,6 +111,6 @@ def test_routing_adds_no_host_sync(variant, baseline_counts, monkeypatch):
 
 def test_classifier_reads_its_inputs_and_labels_once(monkeypatch):
     ids, mask = padded_batch()
-    model = build(ChiarForSequenceClassification, "threshold-dct+rbf+attention", is_causal=False, num_labels=3).train()
+    model = build(ChiarForSequenceClassification, "chiar-3op", is_causal=False, num_labels=3).train()
     labels = torch.tensor([0, 2])
     assert count_syncs(lambda: model(ids, attention_mask=mask, labels=labels).loss.backward(), monkeypatch) == 1

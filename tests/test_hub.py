@@ -17,7 +17,7 @@ from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification
 
 
 def calibrated_lm(tokenizer):
-    model = build(ChiarForCausalLM, "threshold-dct+rbf+attention", vocab_size=len(tokenizer),
+    model = build(ChiarForCausalLM, "chiar-3op", vocab_size=len(tokenizer),
                   pad_token_id=tokenizer.pad_token_id, hidden_dropout=0.1).train()
     with torch.no_grad():
         for seed in range(3):
@@ -145,7 +145,7 @@ def test_push_to_hub_uploads_code_and_weights(monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(lambda cls, *a, **k: no_card()))
-    model = build(ChiarForCausalLM, "threshold-dct+attention")
+    model = build(ChiarForCausalLM, "chiar-threshold")
     model.push_to_hub("someone/chiar-tiny")
     assert created == ["someone/chiar-tiny"]
     assert {"config.json", "model.safetensors", "modeling_chiar.py", "routing.py", "cache.py"} <= set(uploaded)

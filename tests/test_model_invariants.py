@@ -108,7 +108,7 @@ def test_budgeted_operators_run_their_query_slots_only(variant):
             assert ran <= record.slots[name]
 
 
-@pytest.mark.parametrize("variant_name", ["threshold-dct+attention", "random-dct+rbf+attention", "learned-dct+attention"])
+@pytest.mark.parametrize("variant_name", ["chiar-threshold", "random-dct+rbf+attention", "chiar-learned"])
 def test_non_contiguous_inputs_embeds(variant_name):
     """Routed rows are written into an output buffer by row index: a strided operator input must not
     break that. Post-norm with a routed first layer hands the embeddings to the router as they are."""
@@ -154,7 +154,7 @@ def test_padding_values_never_reach_real_tokens(variant, side):
     torch.testing.assert_close(actual[real], expected[real], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant_name", ["baseline", "threshold-dct+rbf+attention", "learned-dct+attention"])
+@pytest.mark.parametrize("variant_name", ["baseline", "chiar-3op", "chiar-learned"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_hidden_states_attentions_and_routing_come_back_in_the_callers_order(variant_name, side):
     """Padded rows run with their real tokens first; every output is returned in the caller's order."""

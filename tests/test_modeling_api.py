@@ -41,7 +41,7 @@ def test_routing_output_structure(variant):
 
 @pytest.mark.parametrize("model_class", ALL_CLASSES)
 def test_hidden_states_and_attentions(model_class):
-    model = build(model_class, "threshold-dct+rbf+attention", num_labels=2).eval()
+    model = build(model_class, "chiar-3op", num_labels=2).eval()
     ids = random_ids(2, 13)
     out = model(ids, output_hidden_states=True, output_attentions=True)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
@@ -59,15 +59,15 @@ def test_hidden_states_and_attentions(model_class):
 
 
 def test_output_attentions_under_sdpa_returns_the_same_weights_as_eager():
-    eager = build(ChiarForCausalLM, "threshold-dct+rbf+attention", attn_implementation="eager").eval()
-    sdpa = build(ChiarForCausalLM, "threshold-dct+rbf+attention", attn_implementation="sdpa").eval()
+    eager = build(ChiarForCausalLM, "chiar-3op", attn_implementation="eager").eval()
+    sdpa = build(ChiarForCausalLM, "chiar-3op", attn_implementation="sdpa").eval()
     ids = random_ids(2, 12)
     for a, b in zip(eager(ids, output_attentions=True).attentions, sdpa(ids, output_attentions=True).attentions):
         torch.testing.assert_close(a, b)
 
 
 def test_gradients_reach_the_returned_attention_maps():
-    model = build(ChiarForCausalLM, "threshold-dct+attention", layer_schedule=["attention", "routed", "routed", "dct"])
+    model = build(ChiarForCausalLM, "chiar-threshold", layer_schedule=["attention", "routed", "routed", "dct"])
     out = model(random_ids(2, 12), output_attentions=True, output_routing=True)
     for attn in out.attentions[:3]:
         attn.retain_grad()
@@ -78,7 +78,7 @@ def test_gradients_reach_the_returned_attention_maps():
 
 @pytest.mark.parametrize("model_class", ALL_CLASSES)
 def test_return_dict_false_gives_the_same_tuple(model_class):
-    model = build(model_class, "learned-dct+attention", num_labels=3).eval()
+    model = build(model_class, "chiar-learned", num_labels=3).eval()
     ids = random_ids(2, 9)
     kwargs = {} if model_class is ChiarModel else {"labels": ids if model_class is ChiarForCausalLM else torch.tensor([0, 2])}
     as_dict = model(ids, output_hidden_states=True, **kwargs)
@@ -120,7 +120,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_one_calibration_ste
     ids = random_ids(2, 30)
     grads = []
     for checkpointing in (False, True):
-        model = build(ChiarForCausalLM, "threshold-dct+rbf+attention").train()
+        model = build(ChiarForCausalLM, "chiar-3op").train()
         if checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
@@ -133,7 +133,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_one_calibration_ste
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant_name", ["threshold-dct+rbf+attention", "learned-dct+attention", "meta-router"])
+@pytest.mark.parametrize("variant_name", ["chiar-3op", "chiar-learned", "meta-router"])
 def test_bf16_forward_and_backward(variant_name):
     model = build(ChiarForCausalLM, variant_name).to(torch.bfloat16).train()
     # Thresholds, DCT basis, random features stay fp32: entropies differ below bf16's resolution.
@@ -147,25 +147,25 @@ def test_bf16_forward_and_backward(variant_name):
 
 
 def test_tied_weights_and_resizing_embeddings():
-    model = build(ChiarForCausalLM, "threshold-dct+attention")
+    model = build(ChiarForCausalLM, "chiar-threshold")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.resize_token_embeddings(120)
     assert model.config.vocab_size == 120
     assert model.lm_head.weight.shape == (120, 32)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert model(torch.tensor([[119, 1, 2]])).logits.shape == (1, 3, 120)
-    untied = build(ChiarForCausalLM, "threshold-dct+attention", tie_word_embeddings=False)
+    untied = build(ChiarForCausalLM, "chiar-threshold", tie_word_embeddings=False)
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
 
 
 @pytest.mark.parametrize("model_class", ALL_CLASSES)
-@pytest.mark.parametrize("variant_name", ["threshold-dct+rbf+attention", "learned-dct+rbf+attention", "random-dct+attention",
+@pytest.mark.parametrize("variant_name", ["chiar-3op", "learned-dct+rbf+attention", "chiar-random",
                                           "meta-router", "all-rbf"])
 def test_init_weights_rebuilds_every_buffer_from_the_meta_device(model_class, variant_name):
     """transformers' test_init_weights_can_init_buffers: buffers from __init__ == buffers from meta + init_weights."""
     from transformers import initialization
 
-    config = tiny_config(**__import__("harness").VARIANTS[variant_name])
+    config = tiny_config(**__import__("harness").variant_overrides(variant_name, 4))
     with initialization.no_init_weights():
         from_init = model_class(copy.deepcopy(config))
     with torch.device("meta"):
@@ -187,7 +187,7 @@ def test_sequence_classification_problem_types(problem_type, labels):
     # Inferred from the labels as transformers does (long -> single-label, float -> multi-label);
     # multi-output regression has to be asked for.
     explicit = {"problem_type": "regression"} if problem_type == "regression" else {}
-    model = build(ChiarForSequenceClassification, "threshold-dct+attention", num_labels=3, is_causal=False, **explicit)
+    model = build(ChiarForSequenceClassification, "chiar-threshold", num_labels=3, is_causal=False, **explicit)
     out = model(random_ids(3, 10), labels=labels)
     assert model.config.problem_type == problem_type
     assert out.logits.shape == (3, 3) and out.loss.ndim == 0 and torch.isfinite(out.loss)
@@ -195,14 +195,14 @@ def test_sequence_classification_problem_types(problem_type, labels):
 
 
 def test_single_output_regression():
-    model = build(ChiarForSequenceClassification, "threshold-dct+attention", num_labels=1, is_causal=False)
+    model = build(ChiarForSequenceClassification, "chiar-threshold", num_labels=1, is_causal=False)
     out = model(random_ids(4, 8), labels=torch.randn(4))
     assert model.config.problem_type == "regression" and out.logits.shape == (4, 1)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last", "first"])
 def test_pooling_ignores_padding(pooling):
-    model = build(ChiarForSequenceClassification, "threshold-dct+attention", num_labels=2, is_causal=False,
+    model = build(ChiarForSequenceClassification, "chiar-threshold", num_labels=2, is_causal=False,
                   classifier_pooling=pooling).eval()
     ids = random_ids(1, 8)
     alone = model(ids).logits
@@ -214,7 +214,7 @@ def test_pooling_ignores_padding(pooling):
 
 
 def test_generate_greedy_matches_a_manual_argmax_loop():
-    model = build(ChiarForCausalLM, "threshold-dct+rbf+attention", eos_token_id=None).eval()
+    model = build(ChiarForCausalLM, "chiar-3op", eos_token_id=None).eval()
     prompt = random_ids(1, 6)
     generated = model.generate(prompt, max_new_tokens=8, do_sample=False)
     ids = prompt

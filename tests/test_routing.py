@@ -138,7 +138,7 @@ def test_learned_router_gets_gradient_from_the_loss_and_the_aux_loss():
 def test_learned_router_forward_value_is_the_hard_choice():
     """Scaling by p / p.detach() must leave the forward output exactly that of the executed operator:
     the weight is 1 in value, the selections partition the tokens, and the gate still gets gradient."""
-    model = build(ChiarForCausalLM, "learned-dct+attention")
+    model = build(ChiarForCausalLM, "chiar-learned")
     mixer = model.model.layers[1].mixer
     x = torch.randn(1, 20, 32)
     entropy = mixer.router.center + mixer.router.scale * torch.randn(1, 20)
@@ -183,7 +183,7 @@ def test_a_batch_with_non_finite_hidden_states_leaves_the_routing_statistics_and
 
     import modeling_chiar.modeling_chiar as modeling
 
-    model = build(ChiarForCausalLM, "threshold-dct+rbf+attention").train()
+    model = build(ChiarForCausalLM, "chiar-3op").train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     ids = random_ids(2, 30)
     for _ in range(2):  # clean steps calibrate
@@ -206,7 +206,7 @@ def test_a_batch_with_non_finite_hidden_states_leaves_the_routing_statistics_and
 
 
 def test_non_finite_routing_buffers_are_refused_at_load(tmp_path):
-    model = build(ChiarForCausalLM, "threshold-dct+attention")
+    model = build(ChiarForCausalLM, "chiar-threshold")
     with torch.no_grad():
         model.model.layers[1].mixer.router.thresholds.fill_(float("nan"))
     model.save_pretrained(tmp_path)
@@ -244,7 +244,7 @@ def test_an_exploring_gate_starts_at_the_targets_draws_in_training_and_ranks_in_
 def test_exploring_training_routes_causally_and_keeps_the_budget():
     """A drawn operator depends on the token alone (its own noise), so the model stays causal in
     training for a fixed draw, and the budget still caps what runs."""
-    model = build(ChiarForCausalLM, "learned-dct+attention", router_explore=True).train()
+    model = build(ChiarForCausalLM, "chiar-learned", router_explore=True).train()
     ids = random_ids(2, 40)
     torch.manual_seed(3)
     out = model(ids, output_routing=True)
@@ -260,7 +260,7 @@ def test_exploring_training_routes_causally_and_keeps_the_budget():
 
 
 def test_an_exploring_routers_calibration_is_saved_and_loaded(tmp_path):
-    model = build(ChiarForCausalLM, "learned-dct+attention", router_explore=True).train()
+    model = build(ChiarForCausalLM, "chiar-learned", router_explore=True).train()
     with torch.no_grad():
         for seed in range(3):
             model(random_ids(2, 32, seed=seed))

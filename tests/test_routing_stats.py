@@ -29,7 +29,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return build(ChiarForCausalLM, "threshold-dct+rbf+attention", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
+    return build(ChiarForCausalLM, "chiar-3op", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
 
 
 def corpus(n, words=12):
@@ -187,7 +187,7 @@ def saved(tmp_path_factory, model, tokenizer):
     folder = tmp_path_factory.mktemp("models")
     model.save_pretrained(folder / "lm")
     tokenizer.save_pretrained(folder / "lm")
-    classifier = build(ChiarForSequenceClassification, "threshold-dct+attention", is_causal=False, num_labels=2,
+    classifier = build(ChiarForSequenceClassification, "chiar-threshold", is_causal=False, num_labels=2,
                        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     classifier.config.label2id, classifier.config.id2label = {"neg": 0, "pos": 1}, {0: "neg", 1: "pos"}
     classifier.save_pretrained(folder / "clf")

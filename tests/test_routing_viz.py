@@ -25,7 +25,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return build(ChiarForCausalLM, "threshold-dct+rbf+attention", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
+    return build(ChiarForCausalLM, "chiar-3op", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
 
 
 def byte_level_tokenizer():
@@ -88,7 +88,7 @@ def test_render_writes_a_png_and_an_html_page_that_names_every_token(tmp_path, m
 
 def test_non_ascii_text_and_byte_level_pieces(tmp_path):
     tokenizer = byte_level_tokenizer()
-    model = build(ChiarForCausalLM, "threshold-dct+attention", vocab_size=len(tokenizer), pad_token_id=0)
+    model = build(ChiarForCausalLM, "chiar-threshold", vocab_size=len(tokenizer), pad_token_id=0)
     text = "the café is naïve — 日本語 “quotes” <b>&amp;</b>"
     view = render_routing(model, tokenizer, text, png_path=tmp_path / "u.png", html_path=tmp_path / "u.html")
     assert "".join(view.tokens) == text  # multi-byte characters are not broken into U+FFFD
@@ -102,7 +102,7 @@ def test_non_ascii_text_and_byte_level_pieces(tmp_path):
 
 
 def test_long_text_is_truncated_with_a_warning_and_wraps(tmp_path, tokenizer):
-    model = build(ChiarForCausalLM, "threshold-dct+attention", vocab_size=len(tokenizer), max_position_embeddings=48)
+    model = build(ChiarForCausalLM, "chiar-threshold", vocab_size=len(tokenizer), max_position_embeddings=48)
     text = " ".join(["the light falls where detail is needed"] * 20)
     with pytest.warns(UserWarning, match="max_position_embeddings=48"):
         view = render_routing(model, tokenizer, text, png_path=tmp_path / "long.png", chars_per_line=40)

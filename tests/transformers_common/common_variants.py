@@ -1,12 +1,13 @@
-"""The CHIAR variants transformers' common tests run over (read by the runner and by the tester)."""
+"""The CHIAR variants transformers' common tests run over (read by the runner and by the tester):
+variants of the registry (chiar/variants.py) on the tester's two-layer ["routed", "attention"] model,
+two with one more setting."""
 
-THREE_OPS = ["dct", "rbf", "attention"]
+from chiar.variants import VARIANTS as REGISTRY
 
-# Config overrides on the tester's two-layer ["routed", "attention"] model.
 VARIANTS = {
-    "threshold-2op": dict(),
-    "threshold-3op": dict(routed_operators=THREE_OPS),
-    "learned-3op": dict(router_type="learned", routed_operators=THREE_OPS),
-    "soft-meta-3op": dict(router_type="soft", use_meta_router=True, routed_operators=THREE_OPS),
-    "bidirectional-3op": dict(is_causal=False, routed_operators=THREE_OPS),
+    "threshold-2op": REGISTRY["chiar-threshold"],
+    "threshold-3op": REGISTRY["chiar-3op"],
+    "learned-3op": REGISTRY["learned-dct+rbf+attention"],
+    "soft-meta-3op": {**REGISTRY["soft-dct+rbf+attention"], "use_meta_router": True},
+    "bidirectional-3op": {**REGISTRY["chiar-3op"], "is_causal": False},
 }
