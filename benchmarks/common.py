@@ -23,7 +23,13 @@ def describe_device(device):
 
 
 def provenance():
-    """The command that wrote a result and the commit it ran (with `+changes` when the tree was dirty)."""
+    """The command that wrote a result and the commit it ran: the code as it was when the script
+    started (`+changes` when the model, tooling or benchmark code differed from that commit; results
+    files do not count), however long the run takes and whatever changes meanwhile."""
+    return dict(_AT_START)
+
+
+def _provenance_now():
     root = Path(__file__).resolve().parents[1]
 
     def git(*args):
@@ -31,12 +37,16 @@ def provenance():
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "modeling_chiar", "benchmarks", "chiar"):
+    code = ["modeling_chiar", "chiar", "benchmarks", ":(exclude)benchmarks/results", "run_clm.py", "run_classification.py", "configs"]
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", *code):
         commit += "+changes"
     script = Path(sys.argv[0]).resolve()
     script = script.relative_to(root) if script.is_relative_to(root) else script
     command = " ".join(shlex.quote(str(arg)) for arg in ["python", script, *sys.argv[1:]])
     return {"command": command, "commit": commit}
+
+
+_AT_START = _provenance_now()  # imported as a script starts
 
 
 def calibrated_model(model_class, config, device=torch.device("cpu"), dtype=None, batches=6):

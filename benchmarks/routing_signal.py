@@ -89,9 +89,10 @@ def build(variant, args, seed):
 def shares_and_signal(outputs, marks, routed_layer=1):
     """The routed layer's attention share, recall and precision on the marked tokens (counts)."""
     record = outputs.routing[routed_layer]
-    attention = record.operator_ids == record.operators.index("attention")
-    return {"tokens": marks.numel(), "attention": int(attention.sum()), "marked": int(marks.sum()),
-            "hits": int((attention & marks).sum())}
+    counts, tokens = record.counts()
+    attention = record.operators.index("attention")
+    return {"tokens": tokens, "attention": counts[attention], "marked": int(marks.sum()),
+            "hits": int(((record.operator_ids == attention) & marks).sum())}
 
 
 def run(task, variant, args, seed):

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from chiar.evaluation import perplexity
-from chiar.routing_stats import default_length, make_batches, pad_id_for, routed_passes
-from chiar.routing_viz import eval_mode, load_model
+from chiar.batching import classification_examples, default_length, lm_blocks, make_batches, pad_id_for
+from chiar.evaluation import perplexity, routed_passes
+from chiar.loading import eval_mode, load_model
 from modeling_chiar.fp32_buffers import KeepsFP32Buffers
 from modeling_chiar.routing import GateRouter, RoutingDecision, ThresholdRouter, position_hash, unlimited_capacity_factor
 from modeling_chiar.spectral import spectral_entropy
@@ -147,35 +147,6 @@ def routed_layers(model):
 # data
 
 
-def lm_blocks(tokenizer, documents, block_size):
-    """Documents concatenated and cut into blocks of `block_size` tokens (as run_clm.py evaluates);
-    the last, shorter block is kept so no token is left out."""
-    ids = []
-    for text in documents:
-        ids.extend(tokenizer(text)["input_ids"])
-    return [ids[i : i + block_size] for i in range(0, len(ids), block_size) if len(ids[i : i + block_size]) > 1]
-
-
-def classification_examples(tokenizer, records, config, max_length):
-    """(ids, label id) per record; labels are names in config.label2id or integer ids."""
-    label2id = {str(k): v for k, v in (config.label2id or {}).items()}
-    examples = []
-    for record in records:
-        label = record["label"]
-        if str(label) in label2id:
-            label_id = label2id[str(label)]
-        elif isinstance(label, int) or str(label).lstrip("-").isdigit():
-            label_id = int(label)
-        else:
-            raise ValueError(f"Label {label!r} is not one of the model's labels {sorted(label2id)}.")
-        if not 0 <= label_id < config.num_labels:
-            raise ValueError(f"Label {label!r} is outside the model's {config.num_labels} classes.")
-        ids = tokenizer(record["text"])["input_ids"][:max_length]
-        if ids:
-            examples.append((ids, label_id))
-    return examples
-
-
 # --------------------------------------------------------------------------------------------
 # evaluation
 
@@ -198,12 +169,9 @@ class Evaluation:
         real = mask.to(torch.bool).to(outputs.logits.device)
         self.tokens += int(real.sum())
         for i in self.counts:
-            record = outputs.routing[i]
-            chosen = record.operator_ids[real]
-            asked = (record.requested_ids if record.requested_ids is not None else record.operator_ids)[real]
-            for k in range(len(self.counts[i])):
-                self.counts[i][k] += int((chosen == k).sum())
-                self.requested[i][k] += int((asked == k).sum())
+            ran, asked = outputs.routing[i].counts()[0], outputs.routing[i].counts(requested=True)[0]
+            self.counts[i] = [total + n for total, n in zip(self.counts[i], ran)]
+            self.requested[i] = [total + n for total, n in zip(self.requested[i], asked)]
         if labels is None:  # causal LM: next-token NLL over real positions
             ids = input_ids.to(outputs.logits.device)
             logits = outputs.logits[:, :-1].float()

@@ -67,7 +67,7 @@ def build_parser():
 
 def _records(args, labels=False):
     """Records from local files or a Hub dataset, checked before any model work starts."""
-    from chiar.routing_stats import hub_records, read_records
+    from chiar.data import hub_records, read_records
 
     label_column = args.label_column if labels else None
     if args.dataset and args.files:
@@ -86,7 +86,7 @@ def _records(args, labels=False):
 
 
 def _load(args):
-    from chiar.routing_viz import load_model
+    from chiar.loading import load_model
     from chiar.training import load_config
 
     load_config(args.model, "MODEL")  # a missing folder, no config.json, an unreadable config: one line

@@ -108,6 +108,28 @@ def read_records(paths, text_column="text", label_column=None, whole_file=False)
 # the scripts' datasets: local files or the Hub, checked
 
 
+def read_documents(paths, whole_file=False, text_column="text"):
+    """The texts of local files (see `read_records`)."""
+    for record in read_records(paths, text_column=text_column, whole_file=whole_file):
+        if record["text"] and record["text"].strip():
+            yield record["text"]
+
+
+def hub_records(name, config_name=None, split="validation", text_column="text", label_column=None):
+    """Rows of a Hugging Face dataset (needs network or a local datasets cache)."""
+    from datasets import load_dataset
+
+    data = load_dataset(name, config_name, split=split)
+    for column in (text_column, label_column):
+        if column is not None and column not in data.column_names:
+            raise KeyError(f"Dataset {name!r} has no column {column!r}; columns: {data.column_names}.")
+    for row in data:
+        record = {"text": row[text_column]}
+        if label_column is not None:
+            record["label"] = row[label_column]
+        yield record
+
+
 def load_raw_datasets(data_args, cache_dir=None, hub_hint="", token=None):
     """Hub dataset (`dataset_name`) or local files (train/validation/test), as a DatasetDict (an
     IterableDatasetDict with `data_args.streaming`, whose files are read only as training goes)."""

@@ -20,6 +20,17 @@ def perplexity(loss):
     return math.exp(min(loss, 700.0))
 
 
+def routed_passes(model, batches, progress=False, desc="routing"):
+    """Yield (input_ids, attention_mask, outputs) for each batch, eval mode, no grad, routing on."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    for input_ids, mask in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        with torch.no_grad():
+            outputs = model(input_ids.to(device), attention_mask=mask.to(device), output_routing=True)
+        yield input_ids, mask, outputs
+
+
 class RoutingAccumulator:
     """Sums over evaluation batches; `totals()` is a fixed-order vector that processes can all-reduce."""
 
@@ -39,16 +50,15 @@ class RoutingAccumulator:
         first = routing[0]
         batch, length = first.operator_ids.shape
         mask = first.token_mask
-        self.sums["real_tokens"] += batch * length if mask is None else int(mask.sum())
+        self.sums["real_tokens"] += first.counts()[1]
         implementation = self.config._attn_implementation or "eager"
         for i, record in enumerate(routing):
-            ids = record.operator_ids if mask is None else record.operator_ids[mask]
+            ran, _ = record.counts()
+            asked, _ = record.counts(requested=True)
             for k, op in enumerate(record.operators):
-                self.sums[f"routing_layer{i}_{op}"] += float((ids == k).sum())
-            if record.requested_ids is not None:
-                asked = record.requested_ids if mask is None else record.requested_ids[mask]
-                for k, op in enumerate(record.operators[1:], start=1):
-                    self.sums[f"overflow_layer{i}_{op}"] += float(((asked == k) & (ids != k)).sum())
+                self.sums[f"routing_layer{i}_{op}"] += ran[k]
+                if k:  # a token that asked for a budgeted operator and did not get it ran the cheapest
+                    self.sums[f"overflow_layer{i}_{op}"] += asked[k] - ran[k]
             if record.entropy is not None:
                 values = record.entropy if mask is None else record.entropy[mask]
                 self.sums[f"entropy_layer{i}"] += float(values.float().sum())

@@ -175,23 +175,19 @@ def _usage(class_name, repo_id):
 
 def _load_checkpoint(source, tokenizer_source=None):
     """A saved CHIAR model (folder or Hub id) and its tokenizer, or one line saying why not."""
-    import modeling_chiar  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
+    from chiar.loading import load_checkpoint, load_tokenizer
     from chiar.training import load_config
 
     config = load_config(source, "MODEL")  # a missing folder, no config.json, an unreadable config: one line
     if config.model_type != "chiar":
         raise SystemExit(f"error: {source} holds a {config.model_type!r} model; chiar-export writes CHIAR checkpoints only.")
-    architectures = getattr(config, "architectures", None) or ["ChiarForCausalLM"]
-    auto = AutoModelForSequenceClassification if "SequenceClassification" in architectures[0] else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(source)
+        model = load_checkpoint(source)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: cannot load the model in {source!r}: {str(error).splitlines()[0]}") from error
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or source)
-    except (OSError, ValueError) as error:
+        tokenizer = load_tokenizer(tokenizer_source or source)
+    except FileNotFoundError as error:
         if tokenizer_source:
             raise SystemExit(f"error: cannot load the tokenizer {tokenizer_source!r}: {error}") from error
         tokenizer = None

@@ -1,7 +1,7 @@
 """Routing statistics over a dataset: which operator each layer used, how the entropy is spread
 around the thresholds, and which kinds of tokens the model sends to attention.
 
-    report = routing_statistics(model, tokenizer, read_documents(["valid.txt"]))
+    report = routing_statistics(model, tokenizer, read_documents(["valid.txt"]))  # chiar.data
     write_report(report, "routing_stats/")     # report.json + PNG charts
 
 Every number is counted from the model's own records (`outputs.routing`) over real tokens only
@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from chiar.data import read_records
-from chiar.routing_viz import OPERATOR_COLORS, eval_mode, load_model
+from chiar.batching import default_length, encode_documents, make_batches, pad_id_for
+from chiar.evaluation import routed_passes
+from chiar.loading import eval_mode, load_model
+from chiar.routing_viz import OPERATOR_COLORS
 
 # Common English function words (articles, prepositions, conjunctions, pronouns, auxiliaries).
 FUNCTION_WORDS = frozenset(
@@ -33,93 +35,6 @@ FUNCTION_WORDS = frozenset(
 )
 CATEGORIES = ("function_word", "punctuation", "other")
 ENTROPY_BINS = 2000  # fine bins over [0, 1]: routing thresholds sit within 1e-3 of each other
-
-
-# --------------------------------------------------------------------------------------------
-# inputs
-
-
-def read_documents(paths, whole_file=False, text_column="text"):
-    """The texts of local files (see `read_records`)."""
-    for record in read_records(paths, text_column=text_column, whole_file=whole_file):
-        if record["text"] and record["text"].strip():
-            yield record["text"]
-
-
-def hub_records(name, config_name=None, split="validation", text_column="text", label_column=None):
-    """Rows of a Hugging Face dataset (needs network or a local datasets cache)."""
-    from datasets import load_dataset
-
-    data = load_dataset(name, config_name, split=split)
-    for column in (text_column, label_column):
-        if column is not None and column not in data.column_names:
-            raise KeyError(f"Dataset {name!r} has no column {column!r}; columns: {data.column_names}.")
-    for row in data:
-        record = {"text": row[text_column]}
-        if label_column is not None:
-            record["label"] = row[label_column]
-        yield record
-
-
-# --------------------------------------------------------------------------------------------
-# batching: documents -> padded batches (right padding; the model excludes it)
-
-
-def default_length(config, max_length=None):
-    """Tokens per sequence: `max_length` if given, else min(512, max_position_embeddings)."""
-    limit = config.max_position_embeddings
-    if max_length is not None and max_length > limit:
-        raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings={limit}.")
-    return max_length or min(512, limit)
-
-
-def encode_documents(tokenizer, documents, max_length):
-    """Token ids per sequence: each document on its own, split into chunks of at most `max_length`
-    tokens (nothing dropped; a chunk starts a fresh context, as a new document would)."""
-    for text in documents:
-        ids = tokenizer(text)["input_ids"]
-        for start in range(0, len(ids), max_length):
-            yield ids[start : start + max_length]
-
-
-def make_batches(sequences, batch_size, pad_id=0):
-    """(input_ids, attention_mask) tensors of up to `batch_size` sequences, right-padded."""
-    batch = []
-    for ids in sequences:
-        batch.append(list(ids))
-        if len(batch) == batch_size:
-            yield _pad(batch, pad_id)
-            batch = []
-    if batch:
-        yield _pad(batch, pad_id)
-
-
-def _pad(batch, pad_id):
-    length = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    return input_ids, mask
-
-
-def pad_id_for(model, tokenizer):
-    for candidate in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id, getattr(tokenizer, "eos_token_id", None)):
-        if candidate is not None and 0 <= candidate < model.config.vocab_size:
-            return candidate
-    return 0  # any id works: padding is masked out everywhere
-
-
-def routed_passes(model, batches, progress=False, desc="routing"):
-    """Yield (input_ids, attention_mask, outputs) for each batch, eval mode, no grad, routing on."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    for input_ids, mask in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        with torch.no_grad():
-            outputs = model(input_ids.to(device), attention_mask=mask.to(device), output_routing=True)
-        yield input_ids, mask, outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +82,7 @@ class RoutingStatistics:
         self.occurrences += torch.bincount(ids, minlength=self.config.vocab_size)
         for i, record in enumerate(routing):
             chosen = record.operator_ids.cpu()[real]
-            for k in range(len(record.operators)):
-                self.counts[i][k] += int((chosen == k).sum())
+            self.counts[i] = [total + n for total, n in zip(self.counts[i], record.counts()[0])]
             if record.entropy is not None:
                 entropy = record.entropy.float().cpu()[real]
                 self.entropy_sum[i] += float(entropy.double().sum())
@@ -424,5 +338,4 @@ def plot_attention_by_token(report, path):
     return Path(path)
 
 
-__all__ = ["FUNCTION_WORDS", "RoutingStatistics", "routing_statistics", "read_documents", "read_records", "hub_records",
-           "encode_documents", "make_batches", "token_category", "write_report"]
+__all__ = ["FUNCTION_WORDS", "RoutingStatistics", "routing_statistics", "token_category", "write_report"]

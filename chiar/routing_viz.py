@@ -11,10 +11,8 @@ token's entropy and its layer's thresholds on hover. Everything comes from the m
 records (`outputs.routing`), so the picture is exactly what the forward pass did.
 """
 
-import contextlib
 import html
 import math
-import os
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -22,77 +20,12 @@ from pathlib import Path
 
 import torch
 
+from chiar.loading import eval_mode, load_model
+
 # Light for attention, dark for DCT, RBF in between: the chiaroscuro the model is named after.
 OPERATOR_COLORS = {"attention": "#fbe8a6", "rbf": "#8c7d99", "dct": "#22253a"}
 OPERATOR_LABELS = {"attention": "attention (light)", "rbf": "RBF mixing", "dct": "DCT mixing (dark)"}
 FONT_FAMILY = ["DejaVu Sans Mono", "DejaVu Sans"]  # both ship with matplotlib; wide glyph coverage
-
-
-# --------------------------------------------------------------------------------------------
-# loading
-
-
-def load_model(model, tokenizer=None, device=None):
-    """(model, tokenizer) from a model object or a saved folder / Hub id; the tokenizer defaults to
-    the model's folder. A loaded model is in eval mode (routing thresholds are frozen in eval); a
-    model object is left in its mode, and the functions that run it switch to eval themselves."""
-    if isinstance(model, (str, os.PathLike)):
-        path = str(model)
-        model = _load_chiar_model(path).eval()
-        if tokenizer is None:
-            tokenizer = path
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load_tokenizer(str(tokenizer))
-    if tokenizer is None:
-        raise ValueError("A tokenizer is needed when the model is passed as an object (give a tokenizer or its folder).")
-    if getattr(model.config, "model_type", None) != "chiar":
-        raise TypeError(f"Expected a CHIAR model (model_type 'chiar'), got {getattr(model.config, 'model_type', type(model).__name__)!r}.")
-    if device is not None:
-        model = model.to(device)
-    return model, tokenizer
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Run in eval mode (frozen thresholds, no dropout), then restore the caller's mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _looks_local(path):
-    """A Hub id is `name` or `owner/name`; anything else is meant as a folder on this machine."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
-
-
-def _load_chiar_model(path):
-    """The right head for a saved CHIAR folder (causal LM or classifier, from `architectures`)."""
-    import modeling_chiar  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if not Path(path).exists() and _looks_local(path):
-        raise FileNotFoundError(f"Model folder not found: {path!r}.")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as error:
-        raise FileNotFoundError(f"Cannot load a model config from {path!r}: not a saved model folder, and not reachable as a Hub id ({error}).") from error
-    if config.model_type != "chiar":
-        raise TypeError(f"{path!r} holds a {config.model_type!r} model, not a CHIAR model.")
-    architectures = getattr(config, "architectures", None) or ["ChiarForCausalLM"]
-    auto = AutoModelForSequenceClassification if "SequenceClassification" in architectures[0] else AutoModelForCausalLM
-    return auto.from_pretrained(path)
-
-
-def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"Cannot load a tokenizer from {path!r} (pass --tokenizer / tokenizer=...): {error}") from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +44,7 @@ class RoutingView:
     operators: list  # per layer: the operator name each token took
     entropy: list  # per layer: each token's spectral entropy in [0, 1]
     thresholds: list  # per layer: the eval thresholds (threshold router) or None
+    layer_shares: list  # per layer: each operator's share of the tokens (`LayerRouting.shares()`)
     truncated: int = 0  # tokens dropped to fit max_position_embeddings
     meta: dict = field(default_factory=dict)
 
@@ -119,9 +53,8 @@ class RoutingView:
         return len(self.operators)
 
     def shares(self, layer):
-        """Each operator's share of this text's tokens at `layer` (agrees with `LayerRouting.shares()`)."""
-        names = self.operators[layer]
-        return {op: names.count(op) / max(len(names), 1) for op in self.layer_operators[layer]}
+        """Each operator's share of this text's tokens at `layer`."""
+        return self.layer_shares[layer]
 
 
 def token_pieces(tokenizer, ids):
@@ -186,7 +119,7 @@ def view_from_records(routing, config, text, ids, pieces, truncated=0):
         thresholds.append(record.thresholds.float().tolist() if record.thresholds is not None else None)
     meta = {"router_type": config.router_type, "hidden_size": config.hidden_size, "name": getattr(config, "_name_or_path", "")}
     return RoutingView(text, list(ids), pieces, list(config.layer_schedule), layer_operators, operators, entropy, thresholds,
-                       truncated, meta)
+                       [record.shares() for record in routing], truncated, meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,5 +326,5 @@ def render_routing(model, tokenizer, text, png_path=None, html_path=None, max_le
     return view
 
 
-__all__ = ["RoutingView", "load_model", "eval_mode", "route_text", "render_routing", "routing_figure", "routing_html", "save_png",
+__all__ = ["RoutingView", "route_text", "render_routing", "routing_figure", "routing_html", "save_png",
            "save_html", "token_pieces", "OPERATOR_COLORS"]

@@ -57,7 +57,7 @@ class ChiarConfig(PretrainedConfig):
             operators, ascending, in [0, 1]) for the threshold router; `None` calibrates them.
         router_aux_loss_coef (`float`): weight of the learned router's share-keeping auxiliary loss. The
             default (5.0) holds the eval shares within 0.05 of their targets in training runs on
-            WikiText-2 (tests/test_routing.py); 0.1 and 1.0 let the attention share drift to 0.3-0.35.
+            WikiText-2 (tests/model/test_routing.py); 0.1 and 1.0 let the attention share drift to 0.3-0.35.
         router_explore (`bool`): learned router only. In training each token's operator is drawn from the
             gate's probabilities (Gumbel-max, per token, on the device) instead of taken as the most likely
             one, and the gate starts at the target shares for every token instead of at the entropy

@@ -69,19 +69,23 @@ class LayerRouting:
     def _real(self, ids):
         return ids.flatten() if self.token_mask is None else ids[self.token_mask]
 
-    def _counts(self, ids):
+    def counts(self, requested=False):
+        """(real tokens per operator, real tokens): what ran, or with `requested` what the router
+        asked for. Every share that is reported (here, in the Trainer's metrics, the audit and the
+        routing statistics) is counted by this method."""
+        ids = self.requested_ids if requested and self.requested_ids is not None else self.operator_ids
         real = self._real(ids)
-        return [int((real == k).sum()) for k in range(len(self.operators))], max(int(real.numel()), 1)
+        return torch.bincount(real, minlength=len(self.operators)).tolist(), int(real.numel())
 
     def shares(self):
         """Each operator's share of the real (non-padding) tokens: what ran."""
-        counts, total = self._counts(self.operator_ids)
-        return {op: count / total for op, count in zip(self.operators, counts)}
+        counts, total = self.counts()
+        return {op: count / max(total, 1) for op, count in zip(self.operators, counts)}
 
     def requested_shares(self):
         """Each operator's share of the real tokens that asked for it."""
-        counts, total = self._counts(self.requested_ids if self.requested_ids is not None else self.operator_ids)
-        return {op: count / total for op, count in zip(self.operators, counts)}
+        counts, total = self.counts(requested=True)
+        return {op: count / max(total, 1) for op, count in zip(self.operators, counts)}
 
     def overflow(self):
         """Budgeted operator -> share of real tokens that asked for it and took the cheapest operator."""
@@ -90,7 +94,7 @@ class LayerRouting:
 
     def unused_slots(self):
         """Budgeted operator -> share of its query slots that no token held."""
-        counts, _ = self._counts(self.operator_ids)
+        counts, _ = self.counts()
         return {op: 1 - counts[self.operators.index(op)] / max(n, 1) for op, n in (self.slots or {}).items()}
 
     @property
@@ -661,7 +665,7 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
                 ((position_ids < 0) | (position_ids >= config.max_position_embeddings)).any(),
                 lambda: f"position_ids must lie in [0, max_position_embeddings={config.max_position_embeddings}).",
             )
-        if inputs_embeds is not None:  # what padding holds never reaches a real token (tests/test_model_invariants.py)
+        if inputs_embeds is not None:  # what padding holds never reaches a real token (tests/model/test_model_invariants.py)
             bad_values = ~torch.isfinite(inputs_embeds).all(dim=-1)
             if new_mask is not None:
                 bad_values = bad_values & new_mask

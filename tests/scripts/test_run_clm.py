@@ -15,7 +15,7 @@ import torch
 import run_clm
 from harness import data_dir_or_skip
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = "hidden_size=32,num_attention_heads=4,intermediate_size=64,max_position_embeddings=128,hidden_dropout=0.1"
 
 
@@ -114,7 +114,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
 def test_two_processes_with_accelerate(tmp_path):
     """DDP on two CPU processes (gloo). `--fsdp` is given too: accelerate (1.15) enables FSDP on
     accelerators only, so on the CPU the run stays DDP, and the Trainer says so (FSDP itself is
-    tested in tests/test_fsdp.py)."""
+    tested in tests/scripts/test_fsdp.py)."""
     corpus = write_corpus(tmp_path / "data")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -11,7 +11,9 @@ from harness import build, tiny_tokenizer
 from chiar.audit import (InvertedEntropyRouter, MatchedRandomRouter, audit, fit_boundaries, inverted_routers, swapped_routers,
                          unbudgeted)
 from chiar.cli import main as cli_main
-from chiar.routing_stats import FUNCTION_WORDS, make_batches, read_documents, routing_statistics, token_category, write_report
+from chiar.batching import make_batches
+from chiar.data import read_documents
+from chiar.routing_stats import FUNCTION_WORDS, routing_statistics, token_category, write_report
 from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification
 from modeling_chiar.routing import ThresholdRouter
 

@@ -14,7 +14,7 @@ import torch
 
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=4,
               max_position_embeddings=64, hidden_dropout=0.0)
 WORKER = """

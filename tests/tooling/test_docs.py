@@ -4,7 +4,7 @@ committed result is cited (a result nobody cites is one nobody can tell is curre
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
 

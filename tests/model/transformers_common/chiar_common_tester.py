@@ -1,6 +1,6 @@
 """CHIAR run through transformers' own common tests (`ModelTesterMixin`, `ConfigTester`, `TrainingTesterMixin`).
 
-Not collected here: `tests/test_transformers_common.py` copies this file to
+Not collected here: `tests/model/test_transformers_common.py` copies this file to
 `tests/models/chiar/test_modeling_chiar.py` inside the test tree of transformers' source
 distribution (which is where the relative imports below point) and runs pytest there, once per
 variant named in `CHIAR_COMMON_VARIANT`.

@@ -9,7 +9,7 @@ and runs pytest there once per variant. Offline and without a cached copy it ski
 The sdist lacks three modules the common tests import. They are replaced by stand-ins:
 - `exporters/test_export.py`: `ExportTesterMixin`, empty (no torch.export tests are run);
 - `generation/test_utils.py`: `GenerationTesterMixin`, empty (no generate() tests from there;
-  tests/test_generation.py covers generate with and without a cache, beams and sampling);
+  tests/model/test_generation.py covers generate with and without a cache, beams and sampling);
 - `utils/test_configuration_utils.py`: `config_common_kwargs`, common config keyword arguments.
 """
 
@@ -25,7 +25,7 @@ import pytest
 import transformers
 from transformers_common.common_variants import VARIANTS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OURS = Path(__file__).resolve().parent / "transformers_common"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chiar" / "transformers-sdist"
 

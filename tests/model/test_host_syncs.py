@@ -2,7 +2,7 @@
 no more host syncs than the all-attention baseline: the one read of the inputs' values (the clear
 errors for bad input, eager mode only), in training (forward and backward), evaluation and a
 decoding step, for every variant of the harness. Under torch.compile there is none at all
-(tests/test_compile.py compiles with fullgraph=True, which refuses any).
+(tests/model/test_compile.py compiles with fullgraph=True, which refuses any).
 
 Counted on the CPU as the operations that would sync on CUDA: reading a value to Python
 (`_local_scalar_dense`: item, int, bool), `nonzero` (boolean indexing, torch.where with one argument),
