@@ -46,6 +46,7 @@ from common import RESULTS, default_device, describe_device, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = "chiar-v1-2op"  # configs/: the paper's v1 shape
+CLASSIFICATION_VARIANTS = ["baseline", "chiar-threshold"]  # on configs/chiar-tiny.json, made bidirectional by the script
 LM_VARIANTS = ["baseline", "chiar-threshold", "chiar-learned", "chiar-learned-explore", "chiar-random", "chiar-3op"]  # chiar/variants.py
 PROFILES = {
     "quick": dict(steps=200, batch=8, eval_every=50, eval_blocks=96, vocab=8192, lr=1e-3),  # eval_blocks: also test blocks
@@ -203,7 +204,7 @@ def classification(args, settings, task, save, results_dir):
     results = []
     quick = args.profile == "quick"
     runs = [(seed, name, overrides) for seed in args.seeds
-            for name, overrides in (("baseline", 'layer_schedule=["attention","attention","attention","attention"]'), ("chiar", ""))]
+            for name, overrides in ((name, config_overrides_argument(name)) for name in CLASSIFICATION_VARIANTS)]
     for seed, name, overrides in runs:
         # The seed sets the initial weights, the batch order, the validation split and the sampled subsets.
         out = results_dir / f"runs-{task}-{args.profile}-{name}{f'-seed{seed}' if seed else ''}"
