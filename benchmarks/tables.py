@@ -1,7 +1,7 @@
 """Markdown tables from the JSON results the benchmark scripts write (what docs/benchmarks.md shows).
 
     python benchmarks/tables.py benchmarks/results/speed-cpu.json benchmarks/results/generation-cpu.json \
-        benchmarks/results/quality-wikitext-quick-seeds.json
+        benchmarks/results/quality-wikitext-quick-cpu.json
 """
 
 import json
