@@ -2,10 +2,10 @@
 code, the tokenizer, and a model card, ready to upload as they are.
 
     chiar-export MODEL_DIR OUT_DIR [--tokenizer DIR] [--eval-results eval_results.json] [--dataset wikitext]
-                 [--routing-stats routing_stats/report.json]
+                 [--routing-stats routing_stats/report.json] [--audit audit.json]
     chiar-export MODEL_DIR OUT_DIR --repo-id user/name --push     # upload with huggingface_hub
 
-From Python: `save_for_hub(model, out_dir, tokenizer=..., evaluation=..., routing_statistics=...)`.
+From Python: `save_for_hub(model, out_dir, tokenizer=..., evaluation=..., routing_statistics=..., audit=...)`.
 """
 
 import argparse
@@ -23,25 +23,28 @@ METRIC_NAMES = {"perplexity": "perplexity", "eval_loss": "loss", "eval_accuracy"
 
 
 def save_for_hub(model, path, tokenizer=None, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None,
-                 routing_statistics=None):
+                 routing_statistics=None, audit=None):
     """Write everything a Hub repository needs into `path`; return the path.
 
     evaluation: metrics as written by run_clm.py / run_classification.py (`eval_results.json`), whose
     routing shares and attention-FLOPs fraction go into the card when present.
     routing_statistics: the report of `chiar-routing stats` (`report.json`, as a dict), summarised in
     a "Routing statistics" section.
+    audit: the report of `chiar-routing audit` (as a dict): the router's measured signal, its metric
+    against share-matched controls, in a "Router signal" section beside the shares.
     """
     path = Path(path)
     model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     card = build_model_card(model, evaluation=evaluation, datasets=datasets, repo_id=repo_id, license=license, tags=tags,
-                            routing_statistics=routing_statistics)
+                            routing_statistics=routing_statistics, audit=audit)
     card.save(path / "README.md")
     return path
 
 
-def build_model_card(model, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None, routing_statistics=None):
+def build_model_card(model, evaluation=None, datasets=None, repo_id=None, license="apache-2.0", tags=None, routing_statistics=None,
+                     audit=None):
     config = model.config
     causal_lm = type(model).__name__.endswith("ForCausalLM")
     evaluation = dict(evaluation or {})
@@ -65,6 +68,8 @@ def build_model_card(model, evaluation=None, datasets=None, repo_id=None, licens
         sections.append(_evaluation(config, evaluation))
     if routing_statistics:
         sections.append(_routing_statistics(routing_statistics))
+    if audit:
+        sections.append(_router_signal(audit))
     sections.append(_usage(type(model).__name__, repo_id))
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
     return ModelCard(content)
@@ -148,6 +153,34 @@ def _routing_statistics(stats, top=10):
     return "\n".join(lines)
 
 
+def _router_signal(audit):
+    """The audit's numbers: the metric with the model's own router and with controls that keep its
+    measured shares, and what the difference says."""
+    metric = audit["metric"]
+    higher_is_better = metric == "accuracy"
+    variants = audit["variants"]
+    lines = ["## Router signal", "",
+             f"Measured with `chiar-routing audit` over {audit['tokens']} tokens ({audit['sequences']} sequences): the same "
+             f"weights evaluated with the trained router and with routers that keep its measured per-layer shares but choose "
+             f"by a position hash (`random`) or by the reversed entropy order (`inverted`); every attention request granted, "
+             f"so each runs its own choices.", "",
+             f"| routing | {metric} | max share difference from the trained router | attention share per routed layer |",
+             "|---|---|---|---|"]
+    for name, result in variants.items():
+        shares = ", ".join(f"{s.get('attention', 0.0):.3f}" for s in result["shares"].values())
+        lines.append(f"| {name} | {result[metric]:.4g} | {result['max_share_deviation']:.4f} | {shares} |")
+    if "trained" in variants and "random" in variants:
+        gap = variants["trained"][metric] - variants["random"][metric]
+        better = gap > 0 if higher_is_better else gap < 0
+        lines += ["", f"Trained router minus the share-matched random control: **{gap:+.4g}** {metric} "
+                      f"({'the router carries signal the position hash does not' if better else 'no signal beyond the position hash on this set'})."]
+    budget = audit.get("budget") or {}
+    if metric in budget:
+        lines += ["", f"Under its budget (capacity factor {budget['capacity_factor']}, blocks of {budget['block_size']}), the trained "
+                      f"model's {metric} is {budget[metric]:.4g}."]
+    return "\n".join(lines)
+
+
 def _usage(class_name, repo_id):
     where = repo_id or "path/to/this/folder"
     auto = "AutoModelForCausalLM" if class_name.endswith("ForCausalLM") else "AutoModelForSequenceClassification"
@@ -213,6 +246,7 @@ def main(argv=None):
     parser.add_argument("--eval-results", type=Path, help="eval_results.json / all_results.json from run_clm.py or run_classification.py")
     parser.add_argument("--dataset", action="append", help="dataset name for the card (repeatable)")
     parser.add_argument("--routing-stats", type=Path, help="report.json written by `chiar-routing stats`, summarised in the card")
+    parser.add_argument("--audit", type=Path, help="the JSON written by `chiar-routing audit -o`: the router's signal, in the card")
     parser.add_argument("--repo-id", help="Hub repository id, used in the card and for --push")
     parser.add_argument("--push", action="store_true", help="upload the folder to --repo-id with huggingface_hub")
     parser.add_argument("--private", action="store_true")
@@ -223,9 +257,12 @@ def main(argv=None):
     model, tokenizer = _load_checkpoint(args.model, args.tokenizer)
     evaluation = _read_json(args.eval_results, "--eval-results")
     routing_statistics = _read_json(args.routing_stats, "--routing-stats")
-    for flag, value in (("--eval-results", evaluation), ("--routing-stats", routing_statistics)):
+    audit = _read_json(args.audit, "--audit")
+    for flag, value in (("--eval-results", evaluation), ("--routing-stats", routing_statistics), ("--audit", audit)):
         if value is not None and not isinstance(value, dict):
             raise SystemExit(f"error: {flag} holds a JSON {type(value).__name__}, not the object the scripts write.")
+    if audit is not None and not {"metric", "variants", "tokens", "sequences"} <= set(audit):
+        raise SystemExit(f"error: --audit {args.audit} is not a `chiar-routing audit` report (no metric / variants).")
     if args.push and not args.repo_id:
         raise SystemExit("error: --push needs --repo-id")
     if args.output.exists() and not args.output.is_dir():
@@ -237,7 +274,7 @@ def main(argv=None):
         raise SystemExit(f"error: cannot write the output {args.output} ({error.strerror or error}).") from error
     try:
         save_for_hub(model, staging, tokenizer=tokenizer, evaluation=evaluation, datasets=args.dataset, repo_id=args.repo_id,
-                     routing_statistics=routing_statistics)
+                     routing_statistics=routing_statistics, audit=audit)
         args.output.mkdir(exist_ok=True)
         for item in staging.iterdir():
             if (args.output / item.name).is_dir():

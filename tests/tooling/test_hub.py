@@ -172,6 +172,28 @@ def test_model_card_summarises_routing_statistics(tmp_path):
     assert "## Routing statistics" not in (save_for_hub(model, tmp_path / "plain") / "README.md").read_text()
 
 
+def test_model_card_states_the_routers_measured_signal_beside_its_shares(tmp_path):
+    from chiar.audit import audit, write_audit
+
+    tokenizer = tiny_tokenizer()
+    model = calibrated_lm(tokenizer)
+    records = [{"text": "the light falls where detail is needed, and the dark keeps the rest"}, {"text": "a small model routes each token"}] * 3
+    report = audit(model, tokenizer, records, max_length=32)
+    path = write_audit(report, tmp_path / "audit.json")
+    export_main([_saved(model, tokenizer, tmp_path), str(tmp_path / "export"), "--audit", str(path)])
+    text = (tmp_path / "export" / "README.md").read_text()
+    assert "## Router signal" in text and f"over {report['tokens']} tokens" in text
+    for name, result in report["variants"].items():
+        shares = ", ".join(f"{s.get('attention', 0.0):.3f}" for s in result["shares"].values())
+        assert f"| {name} | {result['perplexity']:.4g} | {result['max_share_deviation']:.4f} | {shares} |" in text
+    gap = report["variants"]["trained"]["perplexity"] - report["variants"]["random"]["perplexity"]
+    assert f"**{gap:+.4g}** perplexity" in text
+    (tmp_path / "stats.json").write_text(json.dumps({"tokens": 3}))  # a stats report is not an audit
+    with pytest.raises(SystemExit, match="not a `chiar-routing audit` report"):
+        export_main([_saved(model, tokenizer, tmp_path), str(tmp_path / "again"), "--audit", str(tmp_path / "stats.json")])
+    assert not (tmp_path / "again").exists()
+
+
 def _saved(model, tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "trained")
     tokenizer.save_pretrained(tmp_path / "trained")
