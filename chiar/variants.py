@@ -42,10 +42,9 @@ VARIANTS = {
     "chiar-3op": dict(router_type="threshold", routed_operators=THREE_OPS),
 }
 # Every other router x operator combination, and the schedules the spec names: what the property tests cover.
-for _router in ("threshold", "learned", "soft", "random"):
-    for _ops in (TWO_OPS, THREE_OPS, ["rbf", "attention"], ["dct", "rbf"]):
-        if dict(router_type=_router, routed_operators=_ops) not in VARIANTS.values():
-            VARIANTS[f"{_router}-{'+'.join(_ops)}"] = dict(router_type=_router, routed_operators=_ops)
+_MATRIX = [dict(router_type=router, routed_operators=ops) for router in ("threshold", "learned", "soft", "random")
+           for ops in (TWO_OPS, THREE_OPS, ["rbf", "attention"], ["dct", "rbf"])]
+VARIANTS.update({f"{v['router_type']}-{'+'.join(v['routed_operators'])}": v for v in _MATRIX if v not in VARIANTS.values()})
 VARIANTS.update(
     {
         "all-routed-3op": dict(layer_schedule="routed", routed_operators=THREE_OPS),
