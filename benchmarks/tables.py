@@ -99,14 +99,17 @@ def seed_summary(summary, metric, digits):
 
     name = {"perplexity": "ppl", "accuracy": "accuracy"}[metric]
     time_key = "train_seconds" if metric == "perplexity" else "wall_seconds"
-    lines = [f"| model | seeds | valid {name} | test {name} | valid {name} minus baseline's | test {name} minus baseline's | "
-             f"valid {name} minus random control's | test {name} minus random control's | attention FLOPs | "
-             f"{'train time' if metric == 'perplexity' else 'wall-clock'} (s) |", "|---" * 10 + "|"]
+    references = ["baseline"] + (["chiar-random"] if "chiar-random" in summary else [])  # no control run: no control columns
+    labels = {"baseline": "baseline's", "chiar-random": "random control's"}
+    differences = [f"{split} {name} minus {labels[ref]}" for ref in references for split in ("valid", "test")]
+    header = ["model", "seeds", f"valid {name}", f"test {name}", *differences, "attention FLOPs",
+              f"{'train time' if metric == 'perplexity' else 'wall-clock'} (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for model, entry in summary.items():
-        lines.append(f"| {model} | {len(entry['seeds'])} | {spread(entry[f'valid_{metric}'])} | {spread(entry[f'test_{metric}'])} | "
-                     f"{spread(entry.get(f'valid_{metric}_minus_baseline'))} | {spread(entry.get(f'test_{metric}_minus_baseline'))} | "
-                     f"{spread(entry.get(f'valid_{metric}_minus_chiar-random'))} | {spread(entry.get(f'test_{metric}_minus_chiar-random'))} | "
-                     f"{spread(entry.get('attention_flops_fraction'), 3)} | {entry[time_key]['mean']:.0f} |")
+        cells = [model, str(len(entry["seeds"])), spread(entry[f"valid_{metric}"]), spread(entry[f"test_{metric}"])]
+        cells += [spread(entry.get(f"{split}_{metric}_minus_{ref}")) for ref in references for split in ("valid", "test")]
+        cells += [spread(entry.get("attention_flops_fraction"), 3), f"{entry[time_key]['mean']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
-"""Local data files, the one home for what the scripts and the routing tools read: which formats,
-how a file is opened, and the checks that turn a bad file into one line naming it (the file, the
-row, the column, and what is allowed) instead of a traceback from `datasets`.
+"""Data, the one home for what the scripts and the routing tools read: which file formats, how a
+file is opened, its records and documents (or a Hub dataset's rows), and the checks that turn a bad
+file into one line naming it (the file, the row, the column, and what is allowed) instead of a
+traceback from `datasets`. Batching for the tooling is in chiar/batching.py.
 
 The checks cost nothing on good data: a file is examined only when `datasets` fails to read it,
 and a loaded column is checked from its Arrow metadata (type, null count), not row by row.

@@ -67,3 +67,16 @@ def tiny_tokenizer(vocab_size=97):
     )
     tokenizer.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def calibrated_lm(tokenizer):
+    """A 3-operator LM for `tokenizer`, its thresholds calibrated on three random batches, in eval mode
+    (what the Hub-export and CLI tests save and load)."""
+    from modeling_chiar import ChiarForCausalLM
+
+    model = build(ChiarForCausalLM, "chiar-3op", vocab_size=len(tokenizer),
+                  pad_token_id=tokenizer.pad_token_id, hidden_dropout=0.1).train()
+    with torch.no_grad():
+        for seed in range(3):
+            model(random_ids(4, 24, seed=seed, vocab=len(tokenizer)))
+    return model.eval()

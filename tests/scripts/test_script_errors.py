@@ -4,7 +4,6 @@ anything is written; and training runs that meet a non-finite loss or a NaN batc
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -144,8 +143,7 @@ def test_run_clm_trains_and_evaluates_another_transformers_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_lm(tmp_path_factory):
-    from harness import tiny_tokenizer
-    from test_hub import calibrated_lm
+    from harness import calibrated_lm, tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("trained")
     tokenizer = tiny_tokenizer()

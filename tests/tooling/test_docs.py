@@ -1,8 +1,13 @@
-"""The docs and the committed results agree: every result file the docs cite exists, and every
-committed result is cited (a result nobody cites is one nobody can tell is current)."""
+"""The docs and the committed results agree: every result file the docs cite exists, every
+committed result is cited (a result nobody cites is one nobody can tell is current) and says which
+commit and command produced it, and results the docs cite from history exist in that commit."""
 
+import json
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -13,16 +18,39 @@ def docs_text():
     return "\n".join(page.read_text(encoding="utf-8") for page in pages)
 
 
+HISTORICAL = r"\b([0-9a-f]{7,40}):benchmarks/results/([\w.\-]+\.(?:json|png|log))"
+# The one GPU run's files (model code of 2a29f47) predate the commit and command fields.
+BEFORE_PROVENANCE = {"device-check-cuda.json", "generation-cuda.json", "quality-wikitext-full.json", "speed-cuda.json"}
+
+
 def test_every_cited_result_exists():
-    text = docs_text()
+    text = re.sub(HISTORICAL, "", docs_text())  # `COMMIT:benchmarks/results/FILE`: a file of the past, checked below
     cited = set(re.findall(r"benchmarks/results/([\w.\-]+\.(?:json|png|log))", text))
     named = {name for name in re.findall(r"`([\w.\-]+\.(?:json|png|log))`", text) if re.search(r"-(cpu|cuda)\b|fraction|quick|full", name)}
     missing = sorted(name for name in cited | named if not (RESULTS / name).is_file())
     assert not missing, f"docs cite results that are not in benchmarks/results/: {missing}"
 
 
+def test_results_cited_from_history_are_in_their_commits():
+    cited = sorted(set(re.findall(HISTORICAL, docs_text())))
+    if cited and subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout: the history the docs cite is not here")
+    missing = [f"{commit}:{name}" for commit, name in cited
+               if subprocess.run(["git", "cat-file", "-e", f"{commit}:benchmarks/results/{name}"], cwd=ROOT, capture_output=True).returncode]
+    assert not missing, f"docs cite results of commits that do not hold them: {missing}"
+
+
+def test_every_committed_result_says_what_produced_it():
+    lacking = []
+    for path in sorted(RESULTS.glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if path.name not in BEFORE_PROVENANCE and not (record.get("commit") and record.get("command")):
+            lacking.append(path.name)
+    assert not lacking, f"results without the commit and command that produced them: {lacking}"
+
+
 def test_every_committed_result_is_cited():
-    text = docs_text()
+    text = re.sub(HISTORICAL, "", docs_text())
     uncited = sorted(path.name for path in RESULTS.iterdir() if path.is_file() and path.name not in text)
     assert not uncited, f"results in benchmarks/results/ that no page cites: {uncited}"
 

@@ -9,20 +9,11 @@ import textwrap
 import pytest
 import torch
 
-from harness import build, random_ids, tiny_tokenizer
+from harness import build, calibrated_lm, tiny_tokenizer
 from chiar.evaluation import RoutingAccumulator
 from chiar.hub import main as export_main
 from chiar.hub import save_for_hub
 from modeling_chiar import ChiarForCausalLM, ChiarForSequenceClassification
-
-
-def calibrated_lm(tokenizer):
-    model = build(ChiarForCausalLM, "chiar-3op", vocab_size=len(tokenizer),
-                  pad_token_id=tokenizer.pad_token_id, hidden_dropout=0.1).train()
-    with torch.no_grad():
-        for seed in range(3):
-            model(random_ids(4, 24, seed=seed, vocab=len(tokenizer)))
-    return model.eval()
 
 
 def evaluation_of(model, tokenizer):
