@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from chiar.evaluation import perplexity
-from chiar.variants import config_overrides_argument
+from chiar.variants import VARIANTS, config_overrides_argument
 from common import RESULTS, default_device, describe_device, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def main():
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--steps", type=int, help="override the profile's training steps (wikitext)")
     parser.add_argument("--epochs", type=int, help="override the full profile's epochs (wikitext)")
-    parser.add_argument("--variants", nargs="+", choices=list(LM_VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"variants of chiar/variants.py (default: {' '.join(LM_VARIANTS)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="train every variant once per seed; the JSON summarises them (default: 0 1 2)")
     parser.add_argument("--router_aux_loss_coef", type=float,

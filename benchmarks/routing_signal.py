@@ -18,10 +18,13 @@ Variants: the full-attention baseline of the same shape (`["attention"] * 4`, th
 oracle (attention for exactly the marked tokens, the best any router can do at this budget), the
 random control (the floor: a fixed hash of the position, 25%), the threshold router (the paper's:
 spectral entropy above a calibrated threshold), the learned router (a gate on [x, H], top-1,
-with its auxiliary share loss), and the learned router exploring (`router_explore`: training draws
-each token's operator from the gate, which starts at the target shares). Reported per run: accuracy on the Q positions (held-out data, eval
-mode), the routed layer's attention share (train, eval), and recall (share of marked tokens that got
-attention) and precision (share of attention queries that went to marked tokens).
+with its auxiliary share loss), the learned router exploring (`router_explore`: training draws
+each token's operator from the gate, which starts at the target shares), and both with the share
+bias instead of the auxiliary loss (`-bias`: `router_share_control="bias"`). Reported per run:
+accuracy on the Q positions (held-out data, eval mode), the routed layer's attention share (train,
+eval) as run and as asked (the difference is overflow: asks the budget's blocks had no slot for),
+and recall (share of marked tokens that got attention) and precision (share of attention queries
+that went to marked tokens).
 Results: benchmarks/results/routing_signal-cpu.json.
 """
 
@@ -41,7 +44,8 @@ from modeling_chiar.routing import RoutingDecision  # what a router returns: the
 
 SCHEDULE = ["dct", "routed", "dct", "dct"]
 # Names in chiar/variants.py, and the oracle (the random variant with its router replaced by OracleRouter).
-VARIANTS = ["baseline", "oracle", "chiar-random", "chiar-threshold", "chiar-learned", "chiar-learned-explore"]
+VARIANTS = ["baseline", "oracle", "chiar-random", "chiar-threshold", "chiar-learned", "chiar-learned-explore",
+            "chiar-learned-bias", "chiar-learned-explore-bias"]
 
 
 def task_batch(task, batch, length, content, lag, query_rate, distractor_rate, generator):
@@ -70,7 +74,7 @@ class OracleRouter(nn.Module):
 
     marks = None
 
-    def forward(self, x, entropy, positions, token_mask):
+    def forward(self, x, entropy, positions, token_mask, state=None, training=None):
         return RoutingDecision(operator_ids=self.marks.long().to(x.device))
 
 
@@ -87,11 +91,11 @@ def build(variant, args, seed):
 
 
 def shares_and_signal(outputs, marks, routed_layer=1):
-    """The routed layer's attention share, recall and precision on the marked tokens (counts)."""
+    """The routed layer's attention share (run and asked), recall and precision on the marked tokens (counts)."""
     record = outputs.routing[routed_layer]
     counts, tokens = record.counts()
     attention = record.operators.index("attention")
-    return {"tokens": tokens, "attention": counts[attention], "marked": int(marks.sum()),
+    return {"tokens": tokens, "attention": counts[attention], "asked": record.counts(requested=True)[0][attention], "marked": int(marks.sum()),
             "hits": int(((record.operator_ids == attention) & marks).sum())}
 
 
@@ -103,7 +107,7 @@ def run(task, variant, args, seed):
     generator = torch.Generator().manual_seed(1000 + seed)  # each seed its own data stream; every variant the same one
     loss_fn = nn.CrossEntropyLoss()
     routed = variant != "baseline"
-    train_counts = {"tokens": 0, "attention": 0, "marked": 0, "hits": 0}
+    train_counts = {"tokens": 0, "attention": 0, "asked": 0, "marked": 0, "hits": 0}
     start = time.perf_counter()
     model.train()
     for step in range(args.steps):
@@ -139,6 +143,8 @@ def run(task, variant, args, seed):
         row.update(
             train_attention_share=train_counts["attention"] / train_counts["tokens"],
             eval_attention_share=counts["attention"] / counts["tokens"],
+            train_asked_share=train_counts["asked"] / train_counts["tokens"],
+            eval_asked_share=counts["asked"] / counts["tokens"],
             marked_share=counts["marked"] / counts["tokens"],
             recall=counts["hits"] / max(counts["marked"], 1),
             precision=counts["hits"] / max(counts["attention"], 1),

@@ -153,21 +153,25 @@ def routing_signal(result):
         each = ", ".join(f"{row[key]:.2f}" for row in rows)
         return f"{statistics.mean(row[key] for row in rows):.3f} ({each})"
 
+    def train_and_eval(rows, kind):
+        return (f"{statistics.mean(r[f'train_{kind}_share'] for r in rows):.3f} / "
+                f"{statistics.mean(r[f'eval_{kind}_share'] for r in rows):.3f}")
+
+    asked = any("eval_asked_share" in r for r in result["runs"])  # runs before the asks were recorded have no column
     lines = []
     for task in result["tasks"]:
         rows = [r for r in result["runs"] if r["task"] == task]
         lines += [f"**{task}** ({result['settings']['steps']} steps, seeds {result['settings']['seeds']}):", "",
-                  "| router | accuracy (each seed) | attention share, train / eval | recall (each seed) | precision |",
-                  "|---|---|---|---|---|"]
+                  "| router | accuracy (each seed) | attention share run, train / eval |" + (" asked, train / eval |" if asked else "")
+                  + " recall (each seed) | precision |", "|---|---|---|---|---|" + ("---|" if asked else "")]
         for variant in dict.fromkeys(r["variant"] for r in rows):
             mine = [r for r in rows if r["variant"] == variant]
             if "recall" not in mine[0]:
-                lines.append(f"| {variant} | {mean_and_each(mine, 'accuracy')} | 1 (every token) | | |")
+                lines.append(f"| {variant} | {mean_and_each(mine, 'accuracy')} | 1 (every token) |" + (" |" if asked else "") + " | |")
                 continue
-            share = (f"{statistics.mean(r['train_attention_share'] for r in mine):.3f} / "
-                     f"{statistics.mean(r['eval_attention_share'] for r in mine):.3f}")
-            lines.append(f"| {variant} | {mean_and_each(mine, 'accuracy')} | {share} | {mean_and_each(mine, 'recall')} | "
-                         f"{statistics.mean(r['precision'] for r in mine):.3f} |")
+            asks = f" {train_and_eval(mine, 'asked')} |" if asked else ""
+            lines.append(f"| {variant} | {mean_and_each(mine, 'accuracy')} | {train_and_eval(mine, 'attention')} |{asks} "
+                         f"{mean_and_each(mine, 'recall')} | {statistics.mean(r['precision'] for r in mine):.3f} |")
         lines.append("")
     return "\n".join(lines)
 

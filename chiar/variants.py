@@ -38,6 +38,9 @@ VARIANTS = {
     "chiar-threshold": dict(router_type="threshold", routed_operators=TWO_OPS),  # the paper's router
     "chiar-learned": dict(router_type="learned", routed_operators=TWO_OPS),
     "chiar-learned-explore": dict(router_type="learned", router_explore=True),
+    # Share control without the auxiliary loss: a bias on the gate's choice, moved by the sign of the share error.
+    "chiar-learned-bias": dict(router_type="learned", router_share_control="bias"),
+    "chiar-learned-explore-bias": dict(router_type="learned", router_explore=True, router_share_control="bias"),
     "chiar-random": dict(router_type="random", routed_operators=TWO_OPS),  # the control: same share, no signal
     "chiar-3op": dict(router_type="threshold", routed_operators=THREE_OPS),
 }
@@ -54,6 +57,7 @@ VARIANTS.update(
         "meta-router-learned": dict(use_meta_router=True, router_type="learned"),
         "post-norm": dict(norm_position="post", routed_operators=THREE_OPS),
         "fixed-thresholds": dict(routed_operators=THREE_OPS, router_thresholds=[0.80, 0.84]),
+        "learned-bias-dct+rbf+attention": dict(router_type="learned", routed_operators=THREE_OPS, router_share_control="bias"),
     }
 )
 

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 OPERATORS = ("dct", "rbf", "attention")
 LAYER_KINDS = OPERATORS + ("routed",)
 ROUTER_TYPES = ("threshold", "learned", "soft", "random")
+SHARE_CONTROLS = ("aux_loss", "bias")
 NORM_POSITIONS = ("pre", "post")
 POOLINGS = ("mean", "last", "first")
 
@@ -58,6 +59,14 @@ class ChiarConfig(PretrainedConfig):
         router_aux_loss_coef (`float`): weight of the learned router's share-keeping auxiliary loss. The
             default (5.0) holds the eval shares within 0.05 of their targets in training runs on
             WikiText-2 (tests/model/test_routing.py); 0.1 and 1.0 let the attention share drift to 0.3-0.35.
+        router_share_control (`str`): how the learned router keeps its shares at their targets.
+            `"aux_loss"` (default): the auxiliary loss weighted by `router_aux_loss_coef`, which has a
+            gradient and so competes with the task's. `"bias"`: no loss; a per-layer, per-operator bias on
+            the gate's logits, used for the choice only, moves by `router_bias_rate` x (target - share) /
+            target after each training pass (auxiliary-loss-free balancing, after DeepSeek-V3).
+        router_bias_rate (`float`): the bias's step, in logits per unit of relative share error, with
+            `router_share_control="bias"` (default 0.2: a share of 0.5 against a target of 0.25 moves it
+            by 0.2 per pass).
         router_explore (`bool`): learned router only. In training each token's operator is drawn from the
             gate's probabilities (Gumbel-max, per token, on the device) instead of taken as the most likely
             one, and the gate starts at the target shares for every token instead of at the entropy
@@ -116,6 +125,8 @@ class ChiarConfig(PretrainedConfig):
         router_target_fractions=None,
         router_thresholds=None,
         router_aux_loss_coef=5.0,
+        router_share_control="aux_loss",
+        router_bias_rate=0.2,
         router_explore=False,
         router_calibration_momentum=0.1,
         router_block_size=128,
@@ -160,6 +171,8 @@ class ChiarConfig(PretrainedConfig):
         self.router_target_fractions = dict(router_target_fractions) if router_target_fractions else {}
         self.router_thresholds = list(router_thresholds) if router_thresholds is not None else None
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_share_control = router_share_control
+        self.router_bias_rate = router_bias_rate
         self.router_explore = router_explore
         self.router_calibration_momentum = router_calibration_momentum
         self.router_block_size = router_block_size
@@ -238,6 +251,10 @@ class ChiarConfig(PretrainedConfig):
         _check_positive("layer_norm_eps", self.layer_norm_eps)
         if not (_is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
             raise ValueError(f"router_aux_loss_coef must be a finite number >= 0, got {self.router_aux_loss_coef!r}.")
+        if self.router_share_control not in SHARE_CONTROLS:
+            raise ValueError(f"router_share_control must be one of {list(SHARE_CONTROLS)}, got {self.router_share_control!r}.")
+        if not (_is_number(self.router_bias_rate) and self.router_bias_rate > 0):
+            raise ValueError(f"router_bias_rate must be a finite number > 0, got {self.router_bias_rate!r}.")
         if not (isinstance(self.router_calibration_momentum, (int, float)) and 0 < self.router_calibration_momentum <= 1):
             raise ValueError(
                 f"router_calibration_momentum must be in (0, 1], got {self.router_calibration_momentum!r}."

@@ -35,10 +35,13 @@ from .routing import (
     has_gate,
     is_dense,
     needs_entropy,
+    needs_eval_pass,
     observe,
     reconcile_loaded_thresholds,
     reported_thresholds,
     route,
+    running_statistics,
+    snapshot,
 )
 from .spectral import dct_matrix, spectral_entropy
 
@@ -426,15 +429,15 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         return [layer.mixer.router for layer in self.layers]
 
     def report_skipped_updates(self):
-        """Threshold-router updates refused or undone since the model was built (batches with NaN or infinite
+        """Router-statistics updates refused or undone since the model was built (batches with NaN or infinite
         hidden states; in ChiarTrainer, steps with a non-finite loss), logged once per new refusal. Read
         outside the forward pass: by `eval()` and saving."""
-        counts = [r.skipped_updates for r in self.routers() if calibrates(r) and not r.skipped_updates.is_meta]
+        counts = [r.skipped_updates for r in self.routers() if running_statistics(r) and not r.skipped_updates.is_meta]
         total = int(torch.stack([c.to(counts[0].device) for c in counts]).sum()) if counts else 0
         if total > getattr(self, "_skipped_reported", 0):
             logger.warning(
                 f"{total - getattr(self, '_skipped_reported', 0)} routing-statistics update(s) were skipped: a batch had NaN or "
-                "infinite hidden states (or, in the Trainer, a NaN or infinite loss), and the routers' thresholds were left "
+                "infinite hidden states (or, in the Trainer, a NaN or infinite loss), and the routers' statistics were left "
                 "as they were before it."
             )
             self._skipped_reported = total
@@ -508,7 +511,7 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             real_counts=inputs.real_counts,
             # The thresholds as the pass starts: the update after it must not reach a
             # gradient-checkpointing recomputation of it.
-            router_states={i: r.snapshot(True) for i, r in enumerate(self.routers()) if calibrates(r)} if calibrating else None,
+            router_states={i: snapshot(r, True) for i, r in enumerate(self.routers()) if calibrates(r)} if calibrating else None,
         )
         if output_attentions and (inputs.order is not None or (cache is not None and cache.key_order is not None)):
             ctx.caller_order = (inputs.restore, self._stored_key_order(inputs, cache, batch, length))
@@ -565,11 +568,12 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
     def _observe(self, records, inputs, ctx):
         """Share control after the pass (`routing.observe`), so routing only ever uses batches already seen.
 
-        With dropout active, eval-mode thresholds come from a dropout-free, no-grad pass over a slice
-        of the batch (1/8 of its sequences, at least one): what eval will see, at a small cost.
+        With dropout active, eval-mode thresholds and share biases come from a dropout-free, no-grad pass
+        over a slice of the batch (1/8 of its sequences, at least one): what eval will see, at a small cost.
         """
         config = self.config
-        if config.hidden_dropout == 0 and config.attention_dropout == 0:
+        dropout = config.hidden_dropout > 0 or config.attention_dropout > 0
+        if not (dropout and any(needs_eval_pass(r) for r in self.routers())):
             observe(self.routers(), records, inputs.positions, inputs.token_mask)
             return
         rows = max(1, inputs.embeds.shape[0] // 8)

@@ -39,7 +39,7 @@ class MixContext:
     past_keys: int = 0  # tokens the cache had seen before this pass
     start: object = 0  # (B,) real tokens seen before this pass, or 0 when nothing was
     real_counts: torch.Tensor | None = None  # (B,) real tokens of this pass (only needed with a cache)
-    router_states: dict | None = None  # layer -> router state the pass routes with (`ThresholdRouter.snapshot`)
+    router_states: dict | None = None  # layer -> router state the pass routes with (`routing.snapshot`)
     # output_attentions on reordered rows: (B, n) compacted index of each caller position, and (B, past + n)
     # the caller's index of each stored key; attention maps are returned in the caller's order.
     caller_order: tuple | None = None

@@ -8,8 +8,10 @@ Three parts, applied in this order by `route()`:
   slots per block of real-token positions, filled in position order; a token that finds its block
   full takes the cheapest operator (overflow). Slots, and so every shape, depend only on (batch,
   length) and the config;
-- *share control* keeps the asks near their targets after each training pass (`observe`): running
-  quantiles for the threshold router; the learned router's auxiliary loss.
+- *share control* keeps the asks near their targets: after each training pass (`observe`), running
+  quantiles for the threshold router and, with `router_share_control="bias"`, a per-layer bias on the
+  learned gate moved against the share error (no gradient); or the learned router's auxiliary loss
+  (`router_share_control="aux_loss"`).
 Operators are indexed cheapest first (`config.routed_operators` order). Nothing here reads a tensor
 back to the host.
 """
@@ -96,6 +98,12 @@ def initial_thresholds(config):
     return gaussian_entropy_quantiles(config.hidden_size, cumulative_targets(config))
 
 
+def update_rate(num_updates, momentum, found):
+    """The running statistics' step: a cumulative mean for the first 1 / momentum updates, then an EMA
+    at `momentum`; 0 where `found` is False (nothing to learn from this batch)."""
+    return (1.0 / (num_updates + 1).float()).clamp_min(momentum) * found
+
+
 class ThresholdRouter(KeepsFP32Buffers):
     """Entropy bands: 2 operators: H > tau -> the second; 3: H < lo, lo <= H <= hi, H > hi (the paper's).
 
@@ -117,6 +125,7 @@ class ThresholdRouter(KeepsFP32Buffers):
         super().__init__()
         self.layer_idx = layer_idx
         self.calibrate = config.router_thresholds is None
+        self.running_statistics = ("thresholds", "train_thresholds", "num_updates") if self.calibrate else ()
         self.momentum = config.router_calibration_momentum
         self.quantile_levels = cumulative_targets(config)
         start = initial_thresholds(config)
@@ -141,15 +150,13 @@ class ThresholdRouter(KeepsFP32Buffers):
             return entropy
         return entropy + self.TIE_BREAK * position_hash(positions, self.layer_idx).to(entropy.device)
 
-    def snapshot(self, training):
-        """The thresholds this pass routes with (a copy: `observe` after the pass must not reach a
-        gradient-checkpointing recomputation of it)."""
-        return (self.train_thresholds if training else self.thresholds).clone()
+    def routing_state(self, training):
+        """The thresholds a pass in this mode routes with."""
+        return self.train_thresholds if training else self.thresholds
 
-    def forward(self, x, entropy, positions, token_mask, thresholds=None):
-        if thresholds is None:
-            thresholds = self.train_thresholds if self.training else self.thresholds
-        thresholds = thresholds.to(entropy.device)
+    def forward(self, x, entropy, positions, token_mask, state=None, training=None):
+        training = self.training if training is None else training
+        thresholds = (self.routing_state(training) if state is None else state).to(entropy.device)
         score = self.score(entropy, positions)
         if thresholds.numel() == 1:
             ids = (score > thresholds[0]).long()
@@ -176,7 +183,7 @@ class ThresholdRouter(KeepsFP32Buffers):
         else:
             eval_quantiles, eval_found = masked_quantiles(eval_score, eval_mask, self.quantile_levels)
         found = train_found & eval_found & finite
-        rate = (1.0 / (self.num_updates + 1).float()).clamp_min(self.momentum) * found
+        rate = update_rate(self.num_updates, self.momentum, found)
         self.train_thresholds.lerp_(torch.where(found, train_quantiles, self.train_thresholds), rate)
         self.thresholds.lerp_(torch.where(found, eval_quantiles, self.thresholds), rate)
         self.num_updates.add_(found.long())
@@ -211,13 +218,31 @@ def masked_quantiles(values, mask, levels):
     return torch.where(count > 0, quantiles, 0.0), count > 0
 
 
+def share_error(ids, mask, targets):
+    """(target - share) / target for each operator, its share counted over the tokens where `mask`
+    (None: all), and whether any token counted (0-dim bool); on the device, at fixed shapes."""
+    chosen = ids[..., None] == torch.arange(targets.numel(), device=ids.device)  # one_hot would read ids back
+    if mask is not None:
+        chosen = chosen & mask[..., None]
+    count = chosen.sum(dim=tuple(range(ids.dim()))).float()
+    total = count.sum()
+    targets = targets.to(count.device)
+    return (targets - count / total.clamp_min(1)) / targets, total > 0
+
+
 class GateRouter(KeepsFP32Buffers):
     """A linear gate on [x, z(H)] where z standardises the entropy (learned and soft routers).
 
     The entropy column and the biases start where the threshold router starts (Gaussian quantiles),
     so a fresh gate routes like the paper and learning moves it from there. `hard=True` (learned):
     top-1 in the forward pass, the executed operator's output scaled by p / p.detach() (1 in value,
-    `route()`) so the gate gets gradient; an auxiliary loss keeps the shares at their targets.
+    `route()`) so the gate gets gradient. Share control (`router_share_control`): an auxiliary loss
+    (`"aux_loss"`), or (`"bias"`) a per-operator bias added to the logits for the choice only, moved
+    after each training pass by `bias_rate` x (target - share) / target (the auxiliary-loss-free
+    balancing of DeepSeek-V3, proportional where theirs takes the sign: the sign settles where the
+    median batch hits the target, which with small batches is off the mean): no gradient, so it
+    cannot outweigh the task's. Like the threshold router it keeps two sets, `train_share_bias` for
+    what training sees (dropout on) and `share_bias` for eval, moved by a dropout-free pass's shares.
     `hard=False` (soft): a dense softmax blend of every operator (no compute saved; an ablation).
     With `router_explore` (learned only) training draws each token's operator from the gate, which
     starts at the target shares for every token, so every operator's effect reaches the gate; eval
@@ -227,18 +252,31 @@ class GateRouter(KeepsFP32Buffers):
     highest get the costlier operators.
     """
 
-    fp32_buffers = ("targets", "center", "scale", "eval_thresholds")
+    fp32_buffers = ("targets", "center", "scale", "eval_thresholds", "train_share_bias", "share_bias")
 
     def __init__(self, config, layer_idx, hard):
         super().__init__()
         self.hard = hard
         self.explore = hard and config.router_explore
+        self.balance = hard and config.router_share_control == "bias"
         num_ops = len(config.routed_operators)
+        statistics = []
         if self.explore:
             self.quantile_levels = cumulative_targets(config)
             self.momentum = config.router_calibration_momentum
             self.eval_thresholds = nn.Buffer(self.flat_score(config).repeat(num_ops - 1))
             self.num_updates = nn.Buffer(torch.zeros((), dtype=torch.long))
+            statistics += ["eval_thresholds", "num_updates"]
+        if self.balance:
+            self.bias_rate = config.router_bias_rate
+            self.train_share_bias = nn.Buffer(torch.zeros(num_ops))
+            statistics.append("train_share_bias")
+            if not self.explore:  # an exploring gate's eval cuts at its calibrated quantiles instead
+                self.share_bias = nn.Buffer(torch.zeros(num_ops))
+                statistics.append("share_bias")
+        if statistics:
+            self.skipped_updates = nn.Buffer(torch.zeros((), dtype=torch.long), persistent=False)
+        self.running_statistics = tuple(statistics)
         self.targets = nn.Buffer(target_fractions(config), persistent=False)
         self.weight = nn.Parameter(torch.zeros(num_ops, config.hidden_size))
         self.entropy_weight = nn.Parameter(torch.zeros(num_ops))
@@ -262,6 +300,9 @@ class GateRouter(KeepsFP32Buffers):
         if self.explore:
             init.copy_(self.eval_thresholds, self.flat_score(config).repeat(len(config.routed_operators) - 1).to(self.bias.device))
             init.zeros_(self.num_updates)
+        for name in ("train_share_bias", "share_bias", "skipped_updates"):
+            if hasattr(self, name):
+                init.zeros_(getattr(self, name))
 
     @staticmethod
     def flat_score(config):
@@ -286,21 +327,46 @@ class GateRouter(KeepsFP32Buffers):
             biases[k] = biases[k - 1] - sharpness * z_thresholds[k - 1]
         return center, scale, slopes, biases
 
-    def forward(self, x, entropy, positions, token_mask):
+    def routing_state(self, training):
+        """The share bias a pass in this mode chooses with (None: no bias)."""
+        if not self.balance or (self.explore and not training):
+            return None
+        return self.train_share_bias if training else self.share_bias
+
+    def forward(self, x, entropy, positions, token_mask, state=None, training=None):
+        training = self.training if training is None else training
         z = (entropy - self.center) / self.scale
         logits = x.float() @ self.weight.float().T + z[..., None] * self.entropy_weight + self.bias
         probs = logits.softmax(dim=-1)
+        bias = self.routing_state(training) if state is None else state
+        choice = logits.detach() if bias is None else logits.detach() + bias.to(logits.device)  # the bias moves the choice only
         if not self.explore:
-            ids = probs.argmax(dim=-1)
-        elif self.training:  # Gumbel-max: a draw from `probs`, token by token
+            ids = choice.argmax(dim=-1)
+        elif training:  # Gumbel-max: a draw from softmax(choice), token by token
             noise = torch.rand_like(logits).clamp_(1e-12, 1.0 - 1e-7)
-            ids = (logits.detach() - (-noise.log()).log()).argmax(dim=-1)
+            ids = (choice - (-noise.log()).log()).argmax(dim=-1)
             self.calibrate(self.score(probs), token_mask)
         else:  # the gate's ranking, cut at the calibrated quantiles
             score, bands = self.score(probs), self.eval_thresholds.to(probs.device)
             ids = (score > bands[0]).long() if bands.numel() == 1 else (score >= bands[0]).long() + (score > bands[1]).long()
-        aux_loss = self.aux_loss(probs, ids, token_mask) if self.hard else None
+        aux_loss = self.aux_loss(probs, ids, token_mask) if self.hard and not self.balance else None
         return RoutingDecision(operator_ids=ids, probs=probs, aux_loss=aux_loss)
+
+    @torch.no_grad()
+    def observe(self, train_ids, train_mask, entropy, eval_ids=None, eval_mask=None, eval_entropy=None):
+        """Move each share bias by `bias_rate` x (target - share) / target of this batch's asks (real tokens):
+        `train_share_bias` from the training pass, `share_bias` from the dropout-free pass when one was
+        made (else from the training pass). A batch without a real token, or with a NaN entropy (its
+        input was not finite), leaves both, and is counted in `skipped_updates`."""
+        finite = ~_nan_at(entropy, train_mask)
+        if eval_ids is not None:
+            finite = finite & ~_nan_at(eval_entropy, eval_mask)
+        train_error, train_found = share_error(train_ids, train_mask, self.targets)
+        self.train_share_bias.add_(self.bias_rate * train_error * (train_found & finite))
+        if hasattr(self, "share_bias"):
+            eval_error, eval_found = (train_error, train_found) if eval_ids is None else share_error(eval_ids, eval_mask, self.targets)
+            self.share_bias.add_(self.bias_rate * eval_error * (eval_found & finite))
+        self.skipped_updates.add_((~finite).long())
 
     @staticmethod
     def score(probs):
@@ -314,7 +380,7 @@ class GateRouter(KeepsFP32Buffers):
         forward pass, so a gradient-checkpointing recomputation updates them a second time."""
         found = masked_quantiles(score, token_mask, self.quantile_levels)
         quantiles, found = found[0], found[1] & ~_nan_at(score, token_mask)
-        rate = (1.0 / (self.num_updates + 1).float()).clamp_min(self.momentum) * found
+        rate = update_rate(self.num_updates, self.momentum, found)
         self.eval_thresholds.lerp_(torch.where(found, quantiles, self.eval_thresholds), rate)
         self.num_updates.add_(found.long())
 
@@ -349,7 +415,10 @@ class RandomRouter(KeepsFP32Buffers):
     def reset_from_config(self, config):
         _init_functions().copy_(self.boundaries, torch.tensor(cumulative_targets(config)))
 
-    def forward(self, x, entropy, positions, token_mask):
+    def routing_state(self, training):
+        return None
+
+    def forward(self, x, entropy, positions, token_mask, state=None, training=None):
         return RoutingDecision(operator_ids=torch.bucketize(position_hash(positions, self.layer_idx), self.boundaries))
 
 
@@ -547,17 +616,13 @@ def query_slots(granted, rank, group, groups, capacity, past_keys, block, causal
 def route(router, operators, config, x, entropy, ctx, router_state=None, carried=None):
     """Ask, grant and select for one routed layer.
 
-    router_state: the thresholds a threshold router routes with (None: its buffers for ctx.training);
+    router_state: what the router routes with, its thresholds or share bias (None: its buffers for
+    ctx.training; `snapshot`);
     carried: (B, K) asks so far in each row's current block, from a decoding cache (None: none).
     ctx supplies positions, the real-token mask (None: no padding), the pass's start position and
     whether it trains (operators.MixContext).
     """
-    if isinstance(router, ThresholdRouter):
-        if router_state is None:
-            router_state = router.train_thresholds if ctx.training else router.thresholds
-        decision = router(x, entropy, ctx.positions, ctx.token_mask, router_state)
-    else:
-        decision = router(x, entropy, ctx.positions, ctx.token_mask)
+    decision = router(x, entropy, ctx.positions, ctx.token_mask, router_state, training=ctx.training)
     asked = decision.operator_ids
     if ctx.token_mask is not None:  # padding takes the cheapest operator and asks for nothing
         asked = asked.masked_fill(~ctx.token_mask, 0)
@@ -598,28 +663,49 @@ def route(router, operators, config, x, entropy, ctx, router_state=None, carried
 @torch.no_grad()
 def observe(routers, records, positions, token_mask, eval_records=None, eval_positions=None, eval_mask=None):
     """Share control after a training pass: each calibrating threshold router moves its thresholds
-    towards this batch's quantiles (train-mode scores, and eval-mode scores from `eval_records` when a
-    dropout-free pass was made). Only batches already seen ever route."""
+    towards this batch's quantiles, each balancing gate its share biases by the sign of the share error
+    (train-mode records, and eval-mode ones from `eval_records` when a dropout-free pass was made).
+    Only batches already seen ever route."""
     for i, (router, record) in enumerate(zip(routers, records)):
-        if not (isinstance(router, ThresholdRouter) and router.calibrate):
+        if not calibrates(router):
             continue
-        train_score = router.score(record.entropy, positions)
-        if eval_records is None:
-            router.observe(train_score, token_mask)
+        plain = eval_records is None
+        if isinstance(router, ThresholdRouter):
+            router.observe(router.score(record.entropy, positions), token_mask,
+                           None if plain else router.score(eval_records[i].entropy, eval_positions), eval_mask)
         else:
-            router.observe(train_score, token_mask, router.score(eval_records[i].entropy, eval_positions), eval_mask)
+            router.observe(record.requested_ids, token_mask, record.entropy, None if plain else eval_records[i].requested_ids,
+                           eval_mask, None if plain else eval_records[i].entropy)
 
 
 def calibrates(router):
-    return isinstance(router, ThresholdRouter) and router.calibrate
+    """Whether a router updates its statistics from the records after a training pass (`observe`)."""
+    return (isinstance(router, ThresholdRouter) and router.calibrate) or (isinstance(router, GateRouter) and router.balance)
+
+
+def needs_eval_pass(router):
+    """Whether `observe` needs a dropout-free pass's records for a router's eval statistics."""
+    return calibrates(router) and router.routing_state(False) is not None
+
+
+def snapshot(router, training):
+    """A copy of what a router routes with in this mode (None: nothing): the update after the pass
+    must not reach a gradient-checkpointing recomputation of it."""
+    state = router.routing_state(training) if router is not None else None
+    return None if state is None else state.clone()
+
+
+def running_statistics(router):
+    """Names of the buffers a router updates while it trains (none for most)."""
+    return getattr(router, "running_statistics", ()) if router is not None else ()
 
 
 def statistics_before_step(routers):
-    """Copies of the calibrating routers' running statistics, taken before a training step. With
-    `undo_if_not_finite` after the step, a step whose loss is NaN or infinite although the hidden
-    states the routers saw were finite (a loss that overflowed) leaves them as they were, as `observe`
-    does for a batch with non-finite hidden states."""
-    return [(r, r.thresholds.clone(), r.train_thresholds.clone(), r.num_updates.clone()) for r in routers if calibrates(r)]
+    """Copies of the routers' running statistics (thresholds, calibrated cuts, share biases, their
+    counters), taken before a training step. With `undo_if_not_finite` after the step, a step whose
+    loss is NaN or infinite although the hidden states the routers saw were finite (a loss that
+    overflowed) leaves them as they were, as `observe` does for a batch with non-finite hidden states."""
+    return [(r, {name: getattr(r, name).clone() for name in running_statistics(r)}) for r in routers if running_statistics(r)]
 
 
 @torch.no_grad()
@@ -627,12 +713,13 @@ def undo_if_not_finite(saved, loss):
     """Put back the statistics of `statistics_before_step` if `loss` is not finite, counting the undone
     updates in `skipped_updates`; no host sync (the choice is a `torch.where` on the device)."""
     finite = torch.isfinite(loss.detach()).all()
-    for router, thresholds, train_thresholds, updates in saved:
-        finite = finite.to(router.thresholds.device)
-        moved = router.num_updates != updates
-        router.thresholds.copy_(torch.where(finite, router.thresholds, thresholds))
-        router.train_thresholds.copy_(torch.where(finite, router.train_thresholds, train_thresholds))
-        router.num_updates.copy_(torch.where(finite, router.num_updates, updates))
+    for router, before in saved:
+        finite = finite.to(router.skipped_updates.device)
+        moved = torch.zeros((), dtype=torch.bool, device=finite.device)
+        for name, value in before.items():
+            current = getattr(router, name)
+            moved = moved | (current != value).any()
+            current.copy_(torch.where(finite, current, value))
         router.skipped_updates.add_((moved & ~finite).long())
 
 

@@ -21,6 +21,7 @@ GENERATION_VARIANTS = [
     "baseline",
     "meta-router",
     "meta-router-learned",
+    "chiar-learned-bias",  # the eval share bias moves the choice: a step must make the same one
     "chiar-learned-explore",  # eval ranks by the gate, cut at calibrated quantiles: per token, so a step must agree
     "post-norm",
 ]

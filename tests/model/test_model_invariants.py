@@ -1,6 +1,7 @@
 """Properties every variant of the shared harness must have: causality, batch and padding invariance,
 and real compute skipping. Dropout is off (with dropout they hold in distribution only: spec)."""
 
+import copy
 import math
 
 import pytest
@@ -26,9 +27,9 @@ def test_causality(variant, mode):
         changed[0, t + 1 :] = random_ids(1, 23 - t, seed=100 + t)
         if mode == "train" and model.config.router_explore:  # a per-token draw: causal for a fixed draw
             out = []
-            for row in (ids, changed):
+            for row in (ids, changed):  # each from the same state: a pass's updates (share bias) must not reach the other
                 torch.manual_seed(t)
-                out.append(logits(model, row)[0])
+                out.append(logits(copy.deepcopy(model), row)[0])
         else:  # one forward over both rows: calibration updates (train mode) cannot differ between them
             out = logits(model, torch.cat([ids, changed]))
         torch.testing.assert_close(out[0][: t + 1], out[1][: t + 1], atol=ATOL, rtol=0)
