@@ -55,7 +55,7 @@ class BandRouter(KeepsFP32Buffers):
     def score(self, x, entropy, positions):
         raise NotImplementedError
 
-    def forward(self, x, entropy, positions, token_mask):
+    def forward(self, x, entropy, positions, token_mask, state=None, training=None):
         score = self.score(x, entropy, positions)
         return RoutingDecision(operator_ids=torch.bucketize(score, self.boundaries.to(score.device)))
 

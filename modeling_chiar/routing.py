@@ -13,7 +13,10 @@ Three parts, applied in this order by `route()`:
   learned gate moved against the share error (no gradient); or the learned router's auxiliary loss
   (`router_share_control="aux_loss"`).
 Operators are indexed cheapest first (`config.routed_operators` order). Nothing here reads a tensor
-back to the host.
+back to the host. Every router is called as `router(x, entropy, positions, token_mask, state, training)`
+and returns a `RoutingDecision`; `state` is what it routes with in this pass (`snapshot`: thresholds,
+share bias; None: its buffers for `training`), `training` the pass's mode (the eval-calibration pass
+runs a training model in eval mode).
 """
 
 import math

@@ -172,13 +172,46 @@ def test_routing_signal_scores_routers_against_the_tokens_that_need_attention(tm
     the random control's recall is about its share; the baseline has no routing figures."""
     output = tmp_path / "signal.json"
     run_script("routing_signal.py", "--tasks", "lookback", "distractors", "--variants", "baseline", "oracle", "chiar-random",
-               "--seeds", "0", "--steps", "6", "--eval_size", "64", output=output)
+               "chiar-learned-bias", "--seeds", "0", "--steps", "6", "--eval_size", "64", output=output)
     result = json.loads(output.read_text())
     assert result["commit"] and "routing_signal.py" in result["command"]
     rows = {(row["task"], row["variant"]): row for row in result["runs"]}
-    assert len(rows) == 6 and "recall" not in rows["lookback", "baseline"]
+    assert len(rows) == 8 and "recall" not in rows["lookback", "baseline"]
+    for task in ("lookback", "distractors"):  # what ran is what was asked, less the overflow
+        for variant in ("oracle", "chiar-random", "chiar-learned-bias"):
+            row = rows[task, variant]
+            assert row["eval_asked_share"] >= row["eval_attention_share"] and row["train_asked_share"] >= row["train_attention_share"]
     for task in ("lookback", "distractors"):
         oracle, random = rows[task, "oracle"], rows[task, "chiar-random"]
         assert oracle["recall"] == oracle["precision"] == 1.0 and oracle["eval_attention_share"] == oracle["marked_share"]
         assert 0.05 < oracle["marked_share"] < 0.12 and 0.15 < random["recall"] < 0.35 and random["eval_attention_share"] == 0.25
     assert set(result["summary"]) == {"lookback", "distractors"}
+
+
+def test_routing_collapse_follows_the_shares_over_training_for_each_share_control(tmp_path):
+    """Two controls, one seed, an evaluation per step: each run's asked and run shares per routed layer
+    and step (asked sums to 1; what ran of a budgeted operator never exceeds what was asked), the
+    control's config (no auxiliary loss for `off`, the share bias for `bias`), the summary and the plot."""
+    data = tiny_wikitext(tmp_path / "data")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing_collapse.py"), "--data_dir", str(data),
+                           "--results_dir", str(tmp_path / "out"), "--device", "cpu", "--seeds", "0", "--steps", "2",
+                           "--eval_every", "1", "--controls", "bias", "off"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "routing_collapse-cpu.json").read_text())
+    assert result["commit"] and "routing_collapse.py" in result["command"]
+    assert [(run["control"], run["seed"]) for run in result["runs"]] == [("bias", 0), ("off", 0)]
+    for run in result["runs"]:
+        assert [point["step"] for point in run["shares"]] == [1, 2]
+        for point in run["shares"]:
+            assert sorted(point["asked"]) == ["1", "2"]  # the v1 schedule's routed layers
+            for layer, asked in point["asked"].items():
+                assert math.isclose(sum(asked.values()), 1.0, abs_tol=1e-6)
+                assert all(point["ran"][layer][op] <= asked[op] + 1e-9 for op in ("rbf", "attention"))
+        saved = json.loads((ROOT / run["run"] / "config.json").read_text() if not Path(run["run"]).is_absolute()
+                           else (Path(run["run"]) / "config.json").read_text())
+        assert saved["routed_operators"] == ["dct", "rbf", "attention"] and saved["router_type"] == "learned"
+        assert (saved["router_share_control"], saved["router_aux_loss_coef"]) == {"bias": ("bias", 5.0), "off": ("aux_loss", 0.0)}[run["control"]]
+    summary = result["summary"]
+    assert set(summary) == {"bias", "off"} and 0 <= summary["off"]["min_rbf_share_asked"] <= 1
+    assert Path(result["plot"]).is_file()
