@@ -266,7 +266,8 @@ class ChiarTrainer(Trainer):
         totals = totals.cpu()
         routing_totals, (aux, batches, correct, predicted) = totals[: len(accumulator.keys)], totals[len(accumulator.keys) :].tolist()
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in accumulator.metrics(routing_totals).items()}
-        if batches and self.model.config.router_type == "learned" and self.model.config.uses_routing:
+        config = self.model.config
+        if batches and config.router_type == "learned" and config.uses_routing and config.router_share_control == "aux_loss":
             metrics[f"{metric_key_prefix}_aux_loss"] = aux / batches
         if predicted:
             metrics[f"{metric_key_prefix}_next_token_accuracy"] = correct / predicted

@@ -212,6 +212,8 @@ def test_routing_collapse_follows_the_shares_over_training_for_each_share_contro
                            else (Path(run["run"]) / "config.json").read_text())
         assert saved["routed_operators"] == ["dct", "rbf", "attention"] and saved["router_type"] == "learned"
         assert (saved["router_share_control"], saved["router_aux_loss_coef"]) == {"bias": ("bias", 5.0), "off": ("aux_loss", 0.0)}[run["control"]]
+        evaluation = json.loads((ROOT / run["run"] / "eval_results.json").read_text())
+        assert ("eval_aux_loss" in evaluation) == (run["control"] == "off")  # the bias has no loss to report
     summary = result["summary"]
     assert set(summary) == {"bias", "off"} and 0 <= summary["off"]["min_rbf_share_asked"] <= 1
     assert Path(result["plot"]).is_file()

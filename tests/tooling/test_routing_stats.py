@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from harness import build, tiny_tokenizer
+from harness import build
 from chiar.audit import (InvertedEntropyRouter, MatchedRandomRouter, audit, fit_boundaries, inverted_routers, swapped_routers,
                          unbudgeted)
 from chiar.cli import main as cli_main
@@ -22,16 +22,6 @@ DOCS = [
     "a small model routes each token to one operator",
     "attention is paid only where it is needed",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return build(ChiarForCausalLM, "chiar-3op", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
 
 
 def corpus(n, words=12):

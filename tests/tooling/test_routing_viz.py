@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from harness import build, tiny_tokenizer
+from harness import build
 from chiar.callbacks import RoutingLoggingCallback, routing_metrics
 from chiar.cli import main as cli_main
 from chiar.routing_viz import display_label, render_routing, route_text, token_pieces, wrap_tokens
@@ -16,16 +16,6 @@ from modeling_chiar import ChiarForCausalLM
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXT = "the light falls where detail is needed & the dark keeps <the rest><eos>"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return build(ChiarForCausalLM, "chiar-3op", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).eval()
 
 
 def byte_level_tokenizer():
