@@ -6,7 +6,8 @@ script collects what the run left (eval/test results, trainer_state.json) into o
 
 Language modelling (`--task wikitext`, default): WikiText-2 from ../shared/data/wikitext-2 (or
 --data_dir), the byte-level BPE that run_clm.py trains on its training split (trained by the first
-run, reused by the others), v1 shape (configs/chiar-v1-2op.json: 4 layers, d=256, 4 heads, FFN 1024),
+run, reused by the others), v1 shape (configs/chiar-v1-2op.json: 4 layers, d=256, 4 heads, FFN 1024;
+the `epoch` profile: configs/chiar-tiny.json, d=128, FFN 512),
 blocks of 256 tokens, AdamW (beta2 0.95), cosine schedule with 5% warm-up. Variants: the baseline,
 CHIAR with the threshold router, the learned router (and exploring), the random router at the same
 25% attention share (the control), and the 3-operator CHIAR. Each trains for the same steps from
@@ -23,6 +24,8 @@ CHIAR and the baseline, model selection on validation, accuracy on test.
 
     python benchmarks/quality.py                          # WikiText-2, quick CPU profile, seeds 0 1 2 (docs/benchmarks.md)
     python benchmarks/quality.py --seeds 0 --steps 20     # a smoke run
+    python benchmarks/quality.py --profile epoch --variants baseline chiar-random chiar-threshold chiar-learned-explore-bias
+                                                          # one epoch of the tiny shape per variant and seed (CPU, about 85 min)
     python benchmarks/quality.py --profile full           # GPU profile (full epochs)
     python benchmarks/quality.py --task imdb              # IMDB, quick profile
     python benchmarks/quality.py --task listops           # ListOps, quick profile
@@ -45,12 +48,14 @@ from chiar.variants import VARIANTS, config_overrides_argument
 from common import RESULTS, default_device, describe_device, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = "chiar-v1-2op"  # configs/: the paper's v1 shape
+SHAPES = {"chiar-v1-2op": "v1 shape", "chiar-tiny": "tiny shape"}  # configs/: the paper's v1 shape, the main job's
 CLASSIFICATION_VARIANTS = ["baseline", "chiar-threshold"]  # on configs/chiar-tiny.json, made bidirectional by the script
 LM_VARIANTS = ["baseline", "chiar-threshold", "chiar-learned", "chiar-learned-explore", "chiar-random", "chiar-3op"]  # chiar/variants.py
 PROFILES = {
-    "quick": dict(steps=200, batch=8, eval_every=50, eval_blocks=96, vocab=8192, lr=1e-3),  # eval_blocks: also test blocks
-    "full": dict(steps=None, epochs=6, batch=32, eval_every=250, eval_blocks=None, vocab=16384, lr=1e-3),
+    "quick": dict(shape="chiar-v1-2op", steps=200, batch=8, eval_every=50, eval_blocks=96, vocab=8192, lr=1e-3),  # eval_blocks: also test blocks
+    # One epoch of the main job's model (configs/chiar-tiny.json), whole validation and test splits: about 7 min a run on 2 cores.
+    "epoch": dict(shape="chiar-tiny", steps=None, epochs=1, batch=8, eval_every=500, eval_blocks=None, vocab=8192, lr=1e-3),
+    "full": dict(shape="chiar-v1-2op", steps=None, epochs=6, batch=32, eval_every=250, eval_blocks=None, vocab=16384, lr=1e-3),
 }
 BLOCK = 256
 
@@ -69,7 +74,7 @@ def train_lm(name, settings, data, out, tokenizer, seed=0, extra=None, device="c
     shutil.rmtree(out, ignore_errors=True)  # run_clm.py resumes from a checkpoint it finds there
     overrides = config_overrides_argument(name) + f",max_position_embeddings={BLOCK}"
     overrides += "".join(f",{key}={json.dumps(value)}" for key, value in (extra or {}).items())
-    argv = ["--output_dir", str(out), "--config_name", SHAPE, "--config_overrides", overrides, "--block_size", str(BLOCK),
+    argv = ["--output_dir", str(out), "--config_name", settings["shape"], "--config_overrides", overrides, "--block_size", str(BLOCK),
             "--train_file", str(data / "wiki.train.tokens"), "--validation_file", str(data / "wiki.valid.tokens"),
             "--test_file", str(data / "wiki.test.tokens"), "--tokenizer_vocab_size", str(settings["vocab"]),
             "--seed", str(seed), "--per_device_train_batch_size", str(settings["batch"]), "--per_device_eval_batch_size", "16",
@@ -257,6 +262,8 @@ def main():
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
+    if args.task != "wikitext" and args.profile == "epoch":
+        parser.error("--profile epoch applies to --task wikitext (classification has quick and full)")
     if args.task != "wikitext" and args.router_aux_loss_coef is not None:
         parser.error("--router_aux_loss_coef applies to --task wikitext (the classification runs use the threshold router)")
     settings = dict(PROFILES[args.profile])
@@ -274,8 +281,9 @@ def main():
     def save(results, complete):  # after every variant, so a run stopped early still leaves its results
         plots = []
         if complete and args.task == "wikitext":
-            length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']} epochs"
-            plots = plot(results, prefix, f"WikiText-2, v1 shape, {length}")
+            epochs = settings["epochs"]
+            length = f"{settings['steps']} steps" if settings["steps"] else f"{epochs} epoch{'s' if epochs != 1 else ''}"
+            plots = plot(results, prefix, f"WikiText-2, {SHAPES[settings['shape']]}, {length}")
         record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
                   **provenance(), "torch": torch.__version__, "wall_seconds": time.perf_counter() - started, "complete": complete,
                   "plots": plots, "results": results}

@@ -509,8 +509,8 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             past_keys=cache.seen_tokens if cache is not None else 0,
             start=inputs.start,
             real_counts=inputs.real_counts,
-            # The thresholds as the pass starts: the update after it must not reach a
-            # gradient-checkpointing recomputation of it.
+            # What the routers route with as the pass starts (thresholds, share biases): the update
+            # after it must not reach a gradient-checkpointing recomputation of it.
             router_states={i: snapshot(r, True) for i, r in enumerate(self.routers()) if calibrates(r)} if calibrating else None,
         )
         if output_attentions and (inputs.order is not None or (cache is not None and cache.key_order is not None)):

@@ -666,7 +666,7 @@ def route(router, operators, config, x, entropy, ctx, router_state=None, carried
 @torch.no_grad()
 def observe(routers, records, positions, token_mask, eval_records=None, eval_positions=None, eval_mask=None):
     """Share control after a training pass: each calibrating threshold router moves its thresholds
-    towards this batch's quantiles, each balancing gate its share biases by the sign of the share error
+    towards this batch's quantiles, each balancing gate its share biases against the share error
     (train-mode records, and eval-mode ones from `eval_records` when a dropout-free pass was made).
     Only batches already seen ever route."""
     for i, (router, record) in enumerate(zip(routers, records)):

@@ -125,6 +125,8 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
     assert refused.returncode == 2 and "--seeds must be distinct" in refused.stderr
     refused = subprocess.run([*script, "--task", "listops", "--router_aux_loss_coef", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--router_aux_loss_coef applies to --task wikitext" in refused.stderr
+    refused = subprocess.run([*script, "--task", "imdb", "--profile", "epoch"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--profile epoch applies to --task wikitext" in refused.stderr
     variants = ["baseline", "chiar-learned", "chiar-random"]
     done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants, "--router_aux_loss_coef", "0.5"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
