@@ -176,12 +176,29 @@ def routing_signal(result):
     return "\n".join(lines)
 
 
+def routing_collapse(result):
+    """Per share control and seed: each routed layer's final eval shares asked (dct / rbf / attention),
+    the smallest RBF share asked at any evaluation, and validation perplexity."""
+    operators = list(result["targets"])
+    targets = " / ".join(f"{result['targets'][op]:.3f}" for op in operators)
+    layers = list(result["runs"][0]["shares"][-1]["asked"])
+    lines = [f"{result['settings']['steps']} steps; shares asked at the last evaluation, {' / '.join(operators)} (targets {targets}):", "",
+             "| control | seed | " + " | ".join(f"layer {layer}" for layer in layers) + " | lowest RBF share asked | valid ppl |",
+             "|---|---|" + "---|" * len(layers) + "---|---|"]
+    for run in result["runs"]:
+        final = run["shares"][-1]["asked"]
+        cells = [" / ".join(f"{final[layer][op]:.3f}" for op in operators) for layer in layers]
+        lowest = min(point["asked"][layer]["rbf"] for point in run["shares"] for layer in layers)
+        lines.append(f"| {run['control']} | {run['seed']} | " + " | ".join(cells) + f" | {lowest:.3f} | {run['valid_perplexity']:.1f} |")
+    return "\n".join(lines)
+
+
 def main():
     for path in sys.argv[1:]:
         result = json.loads(Path(path).read_text())
         print(f"### {path}\n")
         renderers = {"speed": speed, "generation": generation, "quality": quality, "device_check": device_check,
-                     "flops_fraction": flops_fraction, "routing_signal": routing_signal}
+                     "flops_fraction": flops_fraction, "routing_signal": routing_signal, "routing_collapse": routing_collapse}
         print(renderers[result["benchmark"]](result))
         print()
 

@@ -219,3 +219,6 @@ def test_routing_collapse_follows_the_shares_over_training_for_each_share_contro
     summary = result["summary"]
     assert set(summary) == {"bias", "off"} and 0 <= summary["off"]["min_rbf_share_asked"] <= 1
     assert Path(result["plot"]).is_file()
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(tmp_path / "out" / "routing_collapse-cpu.json")],
+                           capture_output=True, text=True)
+    assert table.returncode == 0 and "| bias | 0 |" in table.stdout and "lowest RBF share asked" in table.stdout, table.stderr
