@@ -76,7 +76,8 @@ def quality(result):
             lines += ["", seed_summary(result["summary"], "accuracy", 4)]
         return "\n".join(lines)
     settings = result["settings"]
-    length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']} epochs"
+    epochs = settings.get("epochs")
+    length = f"{settings['steps']} steps" if settings["steps"] else f"{epochs} epoch{'s' if epochs != 1 else ''}"
     lines = [f"Device: {result['device']}, torch {result['torch']}; {length} of batch {settings['batch']} x 256 tokens, "
              f"BPE vocabulary {settings['vocab']}; total wall-clock {result['wall_seconds'] / 60:.1f} min.{incomplete(result)}", "",
              "| model | " + ("seed | " if seeds else "") + "valid ppl | test ppl | attention FLOPs | attention queries | "
@@ -88,7 +89,24 @@ def quality(result):
                      f"{row['train_seconds']:.0f} | " + ", ".join(f"{s:.2f}" for s in shares) + " |")
     if "summary" in result:
         lines += ["", seed_summary(result["summary"], "perplexity", 2)]
+        lines += relative_to_control(result["results"])
     return "\n".join(lines)
+
+
+def relative_to_control(rows):
+    """Each variant's validation perplexity relative to the random control's of the same seed, in percent
+    (negative: better than the control)."""
+    control = {row["seed"]: row["valid_perplexity"] for row in rows if row["model"] == "chiar-random"}
+    by_model = {}
+    for row in rows:
+        if row["model"] != "chiar-random" and row["seed"] in control:
+            by_model.setdefault(row["model"], []).append(100 * (row["valid_perplexity"] / control[row["seed"]] - 1))
+    if not by_model:
+        return []
+    lines = ["", "| model | valid ppl relative to the random control's, per seed (%) | mean (%) |", "|---|---|---|"]
+    for model, values in by_model.items():
+        lines.append(f"| {model} | " + ", ".join(f"{v:+.2f}" for v in values) + f" | {statistics.mean(values):+.2f} |")
+    return lines
 
 
 def seed_summary(summary, metric, digits):
@@ -99,7 +117,7 @@ def seed_summary(summary, metric, digits):
 
     name = {"perplexity": "ppl", "accuracy": "accuracy"}[metric]
     time_key = "train_seconds" if metric == "perplexity" else "wall_seconds"
-    references = ["baseline"] + (["chiar-random"] if "chiar-random" in summary else [])  # no control run: no control columns
+    references = [ref for ref in ("baseline", "chiar-random") if ref in summary]  # a reference the run lacks has no columns
     labels = {"baseline": "baseline's", "chiar-random": "random control's"}
     differences = [f"{split} {name} minus {labels[ref]}" for ref in references for split in ("valid", "test")]
     header = ["model", "seeds", f"valid {name}", f"test {name}", *differences, "attention FLOPs",

@@ -89,6 +89,12 @@ def _architecture(model):
             " Thresholds were fixed in the config." if config.router_thresholds is not None
             else " Thresholds are running quantiles calibrated during training and stored in the checkpoint."
         )
+    elif config.router_type == "learned":
+        calibrated = (
+            f" Shares kept by the share bias (no auxiliary loss; rate {config.router_bias_rate}), stored in the checkpoint."
+            if config.router_share_control == "bias"
+            else f" Shares kept by the auxiliary loss (weight {config.router_aux_loss_coef})."
+        ) + (" Training draws each token's operator from the gate (router_explore)." if config.router_explore else "")
     targets = ", ".join(f"{op} {share:.0%}" for op, share in config.router_target_fractions.items())
     return "\n".join([
         "## Architecture",

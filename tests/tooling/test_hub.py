@@ -52,6 +52,9 @@ def test_save_for_hub_writes_an_uploadable_folder_with_a_model_card(tmp_path):
     assert f"{share:.3f}" in text  # per-layer routing shares from the evaluation
     assert f"{evaluation['eval_attention_flops_fraction']:.3f}" in text
     assert 'from_pretrained("someone/chiar-tiny", trust_remote_code=True)' in text and "import modeling_chiar" in text
+    for settings, said in ((dict(), "by the auxiliary loss (weight 5.0)"), (dict(router_share_control="bias"), "by the share bias")):
+        learned = build(ChiarForCausalLM, "chiar-learned", vocab_size=len(tokenizer), **settings)
+        assert said in (save_for_hub(learned, tmp_path / f"learned-{len(settings)}") / "README.md").read_text()
 
 
 LOAD_BOTH_WAYS = textwrap.dedent(
