@@ -64,6 +64,7 @@ class LayerRouting:
     token_mask: torch.Tensor | None  # (B, T) bool, real tokens; None when the input had no attention_mask
     thresholds: torch.Tensor | None = None  # threshold router only: its eval thresholds
     requested_ids: torch.Tensor | None = None  # (B, T) what the router asked for (None: same as operator_ids)
+    router_score: torch.Tensor | None = None  # (B, T) the exploring gate's ranking score (its eval cut calibrates on it)
     slots: dict | None = None  # budgeted operator -> query slots of this pass (batch x slots per row)
     dense: bool = False  # every operator ran on every token (one operator, or the soft router)
     attention_flops: float = 0.0  # attention FLOPs executed (projections and kernel)
@@ -207,6 +208,7 @@ class TokenMixer(nn.Module):
             token_mask=ctx.token_mask,
             thresholds=thresholds,
             requested_ids=requested,
+            router_score=routed.score if routed is not None else None,
             slots=slots,
             dense=routed is None or is_dense(self.router),
             attention_flops=attention_flops,
@@ -723,7 +725,8 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         if inputs.restore is not None:
             back = lambda t: None if t is None else gather_rows(t, inputs.restore)  # noqa: E731
             record = dataclasses.replace(
-                record, operator_ids=back(record.operator_ids), requested_ids=back(record.requested_ids), entropy=back(record.entropy)
+                record, operator_ids=back(record.operator_ids), requested_ids=back(record.requested_ids), entropy=back(record.entropy),
+                router_score=back(record.router_score),
             )
         return dataclasses.replace(record, token_mask=inputs.caller_mask)
 

@@ -38,6 +38,7 @@ class RoutingDecision:
     operator_ids: torch.Tensor  # (B, n) long, index into the layer's operators
     probs: torch.Tensor | None = None  # (B, n, K) gate probabilities (learned and soft routers)
     aux_loss: torch.Tensor | None = None  # scalar, learned router only
+    score: torch.Tensor | None = None  # (B, n) the exploring gate's ranking score, detached (its eval cut calibrates on it)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class RoutedTokens:
     requested_ids: torch.Tensor  # (B, n) the operator each token asked for
     aux_loss: torch.Tensor | None
     budget_state: torch.Tensor | None  # (B, K) asks so far in each row's current block (decoding cache)
+    score: torch.Tensor | None = None  # the router's ranking score (`RoutingDecision.score`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,10 +333,13 @@ class GateRouter(KeepsFP32Buffers):
         return center, scale, slopes, biases
 
     def routing_state(self, training):
-        """The share bias a pass in this mode chooses with (None: no bias)."""
-        if not self.balance or (self.explore and not training):
+        """The share bias a pass in this mode chooses with (None: no bias). An exploring gate ranks with
+        its training bias in eval too: the bias holds the drawn shares, so the distribution of the
+        biased score, which its eval cut is calibrated on, stays put while the gate learns (unbiased, it
+        drifts faster than a running quantile follows)."""
+        if not self.balance:
             return None
-        return self.train_share_bias if training else self.share_bias
+        return self.train_share_bias if training or self.explore else self.share_bias
 
     def forward(self, x, entropy, positions, token_mask, state=None, training=None):
         training = self.training if training is None else training
@@ -343,20 +348,22 @@ class GateRouter(KeepsFP32Buffers):
         probs = logits.softmax(dim=-1)
         bias = self.routing_state(training) if state is None else state
         choice = logits.detach() if bias is None else logits.detach() + bias.to(logits.device)  # the bias moves the choice only
+        score = None
         if not self.explore:
             ids = choice.argmax(dim=-1)
-        elif training:  # Gumbel-max: a draw from softmax(choice), token by token
-            noise = torch.rand_like(logits).clamp_(1e-12, 1.0 - 1e-7)
-            ids = (choice - (-noise.log()).log()).argmax(dim=-1)
-            self.calibrate(self.score(probs), token_mask)
-        else:  # the gate's ranking, cut at the calibrated quantiles
-            score, bands = self.score(probs), self.eval_thresholds.to(probs.device)
-            ids = (score > bands[0]).long() if bands.numel() == 1 else (score >= bands[0]).long() + (score > bands[1]).long()
+        else:
+            score = self.score(choice.softmax(dim=-1))  # the ranking (of the biased gate when balancing)
+            if training:  # Gumbel-max: a draw from softmax(choice), token by token
+                noise = torch.rand_like(logits).clamp_(1e-12, 1.0 - 1e-7)
+                ids = (choice - (-noise.log()).log()).argmax(dim=-1)
+            else:  # the ranking, cut at the calibrated quantiles
+                bands = self.eval_thresholds.to(probs.device)
+                ids = (score > bands[0]).long() if bands.numel() == 1 else (score >= bands[0]).long() + (score > bands[1]).long()
         aux_loss = self.aux_loss(probs, ids, token_mask) if self.hard and not self.balance else None
-        return RoutingDecision(operator_ids=ids, probs=probs, aux_loss=aux_loss)
+        return RoutingDecision(operator_ids=ids, probs=probs, aux_loss=aux_loss, score=score)
 
     @torch.no_grad()
-    def observe(self, train_ids, train_mask, entropy, eval_ids=None, eval_mask=None, eval_entropy=None):
+    def balance_shares(self, train_ids, train_mask, entropy, eval_ids=None, eval_mask=None, eval_entropy=None):
         """Move each share bias by `bias_rate` x (target - share) / target of this batch's asks (real tokens):
         `train_share_bias` from the training pass, `share_bias` from the dropout-free pass when one was
         made (else from the training pass). A batch without a real token, or with a NaN entropy (its
@@ -378,9 +385,10 @@ class GateRouter(KeepsFP32Buffers):
 
     @torch.no_grad()
     def calibrate(self, score, token_mask):
-        """Move `eval_thresholds` towards this training batch's quantiles of the score (a cumulative mean,
-        then an EMA); a batch without a real token or with a NaN score leaves them. Runs inside the
-        forward pass, so a gradient-checkpointing recomputation updates them a second time."""
+        """Move `eval_thresholds` towards this batch's quantiles of the score (a cumulative mean, then an
+        EMA): after a training pass (`routing.observe`), on the dropout-free pass's scores when dropout is
+        on, since eval ranks dropout-free scores; a batch without a real token or with a NaN score leaves
+        them."""
         found = masked_quantiles(score, token_mask, self.quantile_levels)
         quantiles, found = found[0], found[1] & ~_nan_at(score, token_mask)
         rate = update_rate(self.num_updates, self.momentum, found)
@@ -655,20 +663,22 @@ def route(router, operators, config, x, entropy, ctx, router_state=None, carried
         executed = torch.where(asks & ~granted, 0, executed)
     weight = None
     if decision.probs is not None:  # learned: the executed operator's p / p.detach(), 1 in value
+        # written 1 + (p - p) / p so that the value is exactly 1 even where p underflows to 0 (a share
+        # bias can choose an operator its gate gives no probability; p / p would be 0 / 0 there)
         chosen = decision.probs.gather(-1, executed[..., None])
-        weight = chosen / chosen.detach()
+        weight = 1 + (chosen - chosen.detach()) / chosen.detach().clamp_min(torch.finfo(chosen.dtype).tiny)
     selections = [Selection(mask=executed == 0, weight=weight)]
     selections += [Selection(mask=executed == k, slots=slots[k], weight=weight) for k in range(1, len(operators))]
     budget_state = torch.stack([torch.zeros_like(states[0])] + states, dim=1) if keep_state else None
-    return RoutedTokens(selections, executed, asked, decision.aux_loss, budget_state)
+    return RoutedTokens(selections, executed, asked, decision.aux_loss, budget_state, decision.score)
 
 
 @torch.no_grad()
 def observe(routers, records, positions, token_mask, eval_records=None, eval_positions=None, eval_mask=None):
     """Share control after a training pass: each calibrating threshold router moves its thresholds
-    towards this batch's quantiles, each balancing gate its share biases against the share error
-    (train-mode records, and eval-mode ones from `eval_records` when a dropout-free pass was made).
-    Only batches already seen ever route."""
+    towards this batch's quantiles, each exploring gate its eval cut, each balancing gate its share
+    biases against the share error (train-mode records, and eval-mode ones from `eval_records` when a
+    dropout-free pass was made). Only batches already seen ever route."""
     for i, (router, record) in enumerate(zip(routers, records)):
         if not calibrates(router):
             continue
@@ -676,19 +686,23 @@ def observe(routers, records, positions, token_mask, eval_records=None, eval_pos
         if isinstance(router, ThresholdRouter):
             router.observe(router.score(record.entropy, positions), token_mask,
                            None if plain else router.score(eval_records[i].entropy, eval_positions), eval_mask)
-        else:
-            router.observe(record.requested_ids, token_mask, record.entropy, None if plain else eval_records[i].requested_ids,
-                           eval_mask, None if plain else eval_records[i].entropy)
+            continue
+        if router.explore:  # the eval cut: on what eval ranks, dropout-free scores when there are some
+            router.calibrate(*((record.router_score, token_mask) if plain else (eval_records[i].router_score, eval_mask)))
+        if router.balance:
+            router.balance_shares(record.requested_ids, token_mask, record.entropy, None if plain else eval_records[i].requested_ids,
+                                  eval_mask, None if plain else eval_records[i].entropy)
 
 
 def calibrates(router):
     """Whether a router updates its statistics from the records after a training pass (`observe`)."""
-    return (isinstance(router, ThresholdRouter) and router.calibrate) or (isinstance(router, GateRouter) and router.balance)
+    return (isinstance(router, ThresholdRouter) and router.calibrate) or (
+        isinstance(router, GateRouter) and (router.balance or router.explore))
 
 
 def needs_eval_pass(router):
     """Whether `observe` needs a dropout-free pass's records for a router's eval statistics."""
-    return calibrates(router) and router.routing_state(False) is not None
+    return calibrates(router) and (router.routing_state(False) is not None or getattr(router, "explore", False))
 
 
 def snapshot(router, training):
