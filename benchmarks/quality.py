@@ -281,7 +281,7 @@ def main():
     def save(results, complete):  # after every variant, so a run stopped early still leaves its results
         plots = []
         if complete and args.task == "wikitext":
-            epochs = settings["epochs"]
+            epochs = settings.get("epochs")
             length = f"{settings['steps']} steps" if settings["steps"] else f"{epochs} epoch{'s' if epochs != 1 else ''}"
             plots = plot(results, prefix, f"WikiText-2, {SHAPES[settings['shape']]}, {length}")
         record = {"benchmark": "quality", "task": args.task, "profile": args.profile, "settings": settings, "device": machine,
