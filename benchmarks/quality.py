@@ -24,8 +24,8 @@ CHIAR and the baseline, model selection on validation, accuracy on test.
 
     python benchmarks/quality.py                          # WikiText-2, quick CPU profile, seeds 0 1 2 (docs/benchmarks.md)
     python benchmarks/quality.py --seeds 0 --steps 20     # a smoke run
-    python benchmarks/quality.py --profile epoch --variants baseline chiar-random chiar-threshold chiar-learned-explore-bias
-                                                          # one epoch of the tiny shape per variant and seed (CPU, about 2 h 40 min)
+    python benchmarks/quality.py --profile epoch --variants chiar-random chiar-learned-bias --capacity_factor 1.25
+                                                          # one epoch of the tiny shape per variant and seed (CPU, 13-17 min a run)
     python benchmarks/quality.py --profile full           # GPU profile (full epochs)
     python benchmarks/quality.py --task imdb              # IMDB, quick profile
     python benchmarks/quality.py --task listops           # ListOps, quick profile
@@ -161,16 +161,26 @@ def wikitext(args, settings, save):
     data = Path(args.data_dir or ROOT.parent / "shared" / "data") / "wikitext-2"
     if not data.is_dir():
         raise SystemExit(f"WikiText-2 not found at {data}: pass --data_dir (the folder holding wikitext-2/).")
-    extra = None if args.router_aux_loss_coef is None else {"router_aux_loss_coef": args.router_aux_loss_coef}
     results, tokenizer = [], None
     for seed in args.seeds:  # seed by seed: a run stopped early leaves whole seeds to compare
         for name in args.variants or LM_VARIANTS:
             out = args.results_dir / f"runs-wikitext-{args.profile}-{name}-seed{seed}"
-            results.append(train_lm(name, settings, data, out, tokenizer, seed, extra if name == "chiar-learned" else None, args.device))
+            results.append(train_lm(name, settings, data, out, tokenizer, seed, extra_config(name, args), args.device))
             tokenizer = tokenizer or out / "tokenizer"  # the first run trains it (as a user's run would), the others reuse it
             print(json.dumps({k: v for k, v in results[-1].items() if k not in ("curve", "routing")}), flush=True)
             save(results, complete=False)
     return results
+
+
+def extra_config(name, args):
+    """Config entries the command line adds to variant `name`: the auxiliary-loss weight (the learned
+    router with that loss only) and the budget's capacity factor (every routed variant)."""
+    extra = {}
+    if args.router_aux_loss_coef is not None and name == "chiar-learned":
+        extra["router_aux_loss_coef"] = args.router_aux_loss_coef
+    if args.capacity_factor is not None and name != "baseline":
+        extra["router_capacity_factor"] = args.capacity_factor
+    return extra or None
 
 
 def seed_summary(results, metric="perplexity"):
@@ -255,6 +265,8 @@ def main():
                         help="train every variant once per seed; the JSON summarises them (default: 0 1 2)")
     parser.add_argument("--router_aux_loss_coef", type=float,
                         help="the learned router's auxiliary-loss weight (default: the config's, 5.0); recorded in the JSON")
+    parser.add_argument("--capacity_factor", type=float,
+                        help="the budget's router_capacity_factor for every routed variant (default: the config's, 1.0); recorded in the JSON")
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--tag", default="", help="suffix for the result files (keeps an earlier run's files)")
@@ -271,6 +283,10 @@ def main():
         settings["steps"] = args.steps
     if args.epochs:
         settings["epochs"] = args.epochs
+    if args.capacity_factor is not None:
+        if args.task != "wikitext":
+            parser.error("--capacity_factor applies to --task wikitext")
+        settings["router_capacity_factor"] = args.capacity_factor
     device = torch.device(args.device)
     started = time.perf_counter()
     args.results_dir = args.results_dir.resolve()

@@ -9,10 +9,12 @@ Tasks. `lookback` (cued copy): a sequence of random content tokens in which abou
 holds the query token Q; the answer at a Q is the token `lag` positions before it. The schedule
 `["dct", "routed", "dct", "dct"]` leaves one layer that can mix tokens, the routed one, so a Q is
 answered only if the router gives it an attention query there: the Q positions are the marked tokens.
-Everything else is token-local. The budget (25% of each 64-token block, capacity factor 1) has room
-for every Q; which tokens it goes to is the router's choice. `distractors`: the same, plus a token
-D at 20% of the other positions that needs nothing; Q and D together (about 29% of the tokens)
-outnumber the budget, so a router must tell them apart to keep its Qs.
+Everything else is token-local. The target is 25% attention; the budget has 20 attention slots per
+64-token block (capacity factor 1.25: room for the asks' spread from block to block, so what runs is
+what share control asked for, not 0.02-0.03 under it as at factor 1), room for every Q; which
+tokens they go to is the router's choice. `distractors`: the same, plus a token D at 20% of the
+other positions that needs nothing; Q and D together (about 29% of the tokens) outnumber the 25%
+that share control lets a router ask for, so a router must tell them apart to keep its Qs.
 
 Variants: the full-attention baseline of the same shape (`["attention"] * 4`, the ceiling), the
 oracle (attention for exactly the marked tokens, the best any router can do at this budget), the
@@ -22,7 +24,8 @@ with its auxiliary share loss), the learned router exploring (`router_explore`: 
 each token's operator from the gate, which starts at the target shares), and both with the share
 bias instead of the auxiliary loss (`-bias`: `router_share_control="bias"`). Reported per run:
 accuracy on the Q positions (held-out data, eval mode), the routed layer's attention share (train,
-eval) as run and as asked (the difference is overflow: asks the budget's blocks had no slot for),
+eval) as run and as asked (the difference is overflow: asks the budget's blocks had no slot for)
+and its slots (`slot_share`, the attention queries a fixed-shape kernel computes),
 and recall (share of marked tokens that got attention) and precision (share of attention queries
 that went to marked tokens).
 Results: benchmarks/results/routing_signal-cpu.json.
@@ -40,7 +43,7 @@ from torch import nn
 from chiar.variants import variant_config
 from common import RESULTS, describe_device, provenance
 from modeling_chiar import ChiarForCausalLM
-from modeling_chiar.routing import RoutingDecision  # what a router returns: the oracle returns it too
+from modeling_chiar.routing import RoutingDecision, slots_per_block  # what a router returns: the oracle returns it too
 
 SCHEDULE = ["dct", "routed", "dct", "dct"]
 # Names in chiar/variants.py, and the oracle (the random variant with its router replaced by OracleRouter).
@@ -82,7 +85,8 @@ def build(variant, args, seed):
     torch.manual_seed(seed)
     settings = dict(vocab_size=args.content + 3, hidden_size=args.hidden_size, num_attention_heads=4,
                     intermediate_size=2 * args.hidden_size, num_hidden_layers=4, layer_schedule=SCHEDULE,
-                    max_position_embeddings=args.length, router_block_size=args.length, hidden_dropout=0.0,
+                    max_position_embeddings=args.length, router_block_size=args.length,
+                    router_capacity_factor=args.capacity_factor, hidden_dropout=0.0,
                     attention_dropout=0.0, pad_token_id=0)
     model = ChiarForCausalLM(variant_config("chiar-random" if variant == "oracle" else variant, base=settings))
     if variant == "oracle":
@@ -145,6 +149,7 @@ def run(task, variant, args, seed):
             eval_attention_share=counts["attention"] / counts["tokens"],
             train_asked_share=train_counts["asked"] / train_counts["tokens"],
             eval_asked_share=counts["asked"] / counts["tokens"],
+            slot_share=slots_per_block(model.config, "attention") / model.config.router_block_size,
             marked_share=counts["marked"] / counts["tokens"],
             recall=counts["hits"] / max(counts["marked"], 1),
             precision=counts["hits"] / max(counts["attention"], 1),
@@ -179,6 +184,8 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval_size", type=int, default=256)
+    parser.add_argument("--capacity_factor", type=float, default=1.25,
+                        help="the budget's slots per block over the target (1.25: 20 attention slots per 64 tokens for a 25%% target)")
     parser.add_argument("--output", type=Path, default=RESULTS / "routing_signal-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))

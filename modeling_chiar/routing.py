@@ -223,13 +223,19 @@ def masked_quantiles(values, mask, levels):
     return torch.where(count > 0, quantiles, 0.0), count > 0
 
 
-def share_error(ids, mask, targets):
-    """(target - share) / target for each operator, its share counted over the tokens where `mask`
-    (None: all), and whether any token counted (0-dim bool); on the device, at fixed shapes."""
-    chosen = ids[..., None] == torch.arange(targets.numel(), device=ids.device)  # one_hot would read ids back
+def operator_counts(ids, mask, num_ops):
+    """(num_ops,) float: how many of the tokens where `mask` (None: all) chose each operator; on the
+    device, at fixed shapes (one_hot would read the ids back to size its output)."""
+    chosen = ids[..., None] == torch.arange(num_ops, device=ids.device)
     if mask is not None:
         chosen = chosen & mask[..., None]
-    count = chosen.sum(dim=tuple(range(ids.dim()))).float()
+    return chosen.sum(dim=tuple(range(ids.dim()))).float()
+
+
+def share_error(ids, mask, targets):
+    """(target - share) / target for each operator, its share counted over the tokens where `mask`
+    (None: all), and whether any token counted (0-dim bool)."""
+    count = operator_counts(ids, mask, targets.numel())
     total = count.sum()
     targets = targets.to(count.device)
     return (targets - count / total.clamp_min(1)) / targets, total > 0
@@ -403,8 +409,7 @@ class GateRouter(KeepsFP32Buffers):
         """
         mask = torch.ones_like(ids, dtype=torch.bool) if token_mask is None else token_mask
         count = mask.sum().clamp_min(1)
-        chosen = ids[..., None] == torch.arange(probs.shape[-1], device=ids.device)  # one_hot would read ids back
-        hard = (chosen & mask[..., None]).sum(dim=(0, 1)) / count
+        hard = operator_counts(ids, mask, probs.shape[-1]) / count
         mean_probs = (probs * mask[..., None]).sum(dim=(0, 1)) / count
         shares = hard + mean_probs - mean_probs.detach()  # value: hard shares; gradient: through the gate
         return ((shares - self.targets) / self.targets).square().sum()
@@ -702,7 +707,7 @@ def calibrates(router):
 
 def needs_eval_pass(router):
     """Whether `observe` needs a dropout-free pass's records for a router's eval statistics."""
-    return calibrates(router) and (router.routing_state(False) is not None or getattr(router, "explore", False))
+    return calibrates(router) and (router.routing_state(False) is not None or (isinstance(router, GateRouter) and router.explore))
 
 
 def snapshot(router, training):
