@@ -28,7 +28,7 @@ from chiar.batching import classification_examples, default_length, lm_blocks, m
 from chiar.evaluation import perplexity, routed_passes
 from chiar.loading import eval_mode, load_model
 from modeling_chiar.fp32_buffers import KeepsFP32Buffers
-from modeling_chiar.routing import GateRouter, RoutingDecision, ThresholdRouter, position_hash, unlimited_capacity_factor
+from modeling_chiar.routing import GateRouter, RoutingDecision, break_ties, position_hash, unlimited_capacity_factor
 from modeling_chiar.spectral import spectral_entropy
 
 VARIANTS = ("trained", "random", "inverted")
@@ -82,8 +82,7 @@ class InvertedEntropyRouter(BandRouter):
 
 def inverted_score(entropy, positions, layer_idx):
     """Minus the threshold router's score (entropy plus its position tie-break)."""
-    tie = ThresholdRouter.TIE_BREAK * position_hash(positions, layer_idx).to(entropy.device)
-    return -(entropy.float() + tie)
+    return -break_ties(entropy.float(), positions, layer_idx)
 
 
 def fit_boundaries(scores, shares):

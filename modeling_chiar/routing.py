@@ -109,6 +109,20 @@ def update_rate(num_updates, momentum, found):
     return (1.0 / (num_updates + 1).float()).clamp_min(momentum) * found
 
 
+TIE_BREAK = 1e-5  # far below real score differences (entropies, gate probabilities)
+
+
+def break_ties(score, positions, layer_idx):
+    """`score` plus a fixed hash of (layer, position) at the scale TIE_BREAK: a score that ranks
+    tokens against a calibrated cut. Before the first attention layer a token's hidden vector depends
+    on its id alone, so every "the" scores the same and a frequent token is a mass point that no cut
+    can split: the share a cut gives would jump by that token's frequency. Split by position, a mass
+    point's tokens fall on both sides of the cut in the share the cut asks for."""
+    if positions is None:
+        return score
+    return score + TIE_BREAK * position_hash(positions, layer_idx).to(score.device)
+
+
 class ThresholdRouter(KeepsFP32Buffers):
     """Entropy bands: 2 operators: H > tau -> the second; 3: H < lo, lo <= H <= hi, H > hi (the paper's).
 
@@ -118,12 +132,10 @@ class ThresholdRouter(KeepsFP32Buffers):
     calibrated on dropout-free inputs and used in eval, and `train_thresholds`, calibrated on what
     training sees and used there. Both modes then route their target shares.
 
-    Before the first attention layer a token's hidden vector depends on its id alone, so every "the"
-    has the same entropy and a frequent token is a mass point that no threshold can split. Exact ties
-    are broken by a fixed hash of the token's position, at a scale far below real entropy differences.
+    Exact ties of the entropy (mass points: every "the" before the first attention layer) are broken
+    by position (`break_ties`).
     """
 
-    TIE_BREAK = 1e-5
     fp32_buffers = ("thresholds", "train_thresholds")
 
     def __init__(self, config, layer_idx):
@@ -150,10 +162,8 @@ class ThresholdRouter(KeepsFP32Buffers):
         init.zeros_(self.skipped_updates)
 
     def score(self, entropy, positions):
-        """The entropy, with exact ties broken by position (see the class docstring)."""
-        if positions is None:
-            return entropy
-        return entropy + self.TIE_BREAK * position_hash(positions, self.layer_idx).to(entropy.device)
+        """The entropy, with exact ties broken by position."""
+        return break_ties(entropy, positions, self.layer_idx)
 
     def routing_state(self, training):
         """The thresholds a pass in this mode routes with."""
@@ -257,16 +267,17 @@ class GateRouter(KeepsFP32Buffers):
     `hard=False` (soft): a dense softmax blend of every operator (no compute saved; an ablation).
     With `router_explore` (learned only) training draws each token's operator from the gate, which
     starts at the target shares for every token, so every operator's effect reaches the gate; eval
-    ranks tokens by the gate's expected operator index (for two operators, p(attention)) and cuts the
-    ranking at running quantiles calibrated on training batches (`eval_thresholds`, as the threshold
-    router does with the entropy), so the eval shares are the targets and the tokens the gate ranks
-    highest get the costlier operators.
+    ranks tokens by the gate's expected operator index (for two operators, p(attention)), ties split
+    by position (`break_ties`), and cuts the ranking at running quantiles calibrated on training
+    batches (`eval_thresholds`, as the threshold router does with the entropy), so the eval shares
+    are the targets and the tokens the gate ranks highest get the costlier operators.
     """
 
     fp32_buffers = ("targets", "center", "scale", "eval_thresholds", "train_share_bias", "share_bias")
 
     def __init__(self, config, layer_idx, hard):
         super().__init__()
+        self.layer_idx = layer_idx
         self.hard = hard
         self.explore = hard and config.router_explore
         self.balance = hard and config.router_share_control == "bias"
@@ -358,7 +369,8 @@ class GateRouter(KeepsFP32Buffers):
         if not self.explore:
             ids = choice.argmax(dim=-1)
         else:
-            score = self.score(choice.softmax(dim=-1))  # the ranking (of the biased gate when balancing)
+            # the ranking (of the biased gate when balancing); ties split by position, as the cut needs
+            score = break_ties(self.score(choice.softmax(dim=-1)), positions, self.layer_idx)
             if training:  # Gumbel-max: a draw from softmax(choice), token by token
                 noise = torch.rand_like(logits).clamp_(1e-12, 1.0 - 1e-7)
                 ids = (choice - (-noise.log()).log()).argmax(dim=-1)

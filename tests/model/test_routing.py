@@ -244,6 +244,26 @@ def test_an_exploring_gate_starts_at_the_targets_draws_in_training_and_ranks_in_
     assert torch.equal(decision.operator_ids, decision.probs.argmax(-1)) and not hasattr(plain, "eval_thresholds")
 
 
+def test_an_exploring_gates_eval_cut_splits_tokens_that_tie_at_the_target_share():
+    """Below the first attention layer equal tokens have equal hidden vectors, so the gate scores them
+    alike: a mass point. Split by position (routing.break_ties), the calibrated cut gives the target
+    share even when it falls inside one; without positions the share can only jump between masses."""
+    config = tiny_config(router_type="learned", router_explore=True)
+    router = GateRouter(config, 1, hard=True)
+    router.reset_from_config(config)
+    kinds = torch.randn(2, config.hidden_size)  # two token kinds, half the tokens each
+    ids = torch.randint(0, 2, (4, 512), generator=torch.Generator().manual_seed(0))
+    x, entropy, positions = kinds[ids], torch.full((4, 512), 0.8), torch.arange(512).expand(4, 512)
+    router.train()
+    for _ in range(3):  # what routing.observe does after each training pass
+        router.calibrate(router(x, entropy, positions, None).score, None)
+    router.eval()
+    shares = router(x, entropy, positions, None).operator_ids.float().mean().item()
+    assert abs(shares - 0.25) < 0.01, shares
+    tied = router(x, entropy, None, None).operator_ids.float().mean().item()  # no positions: no split
+    assert abs(tied - 0.25) > 0.15, tied  # none of the tokens, or a whole kind
+
+
 def test_exploring_training_routes_causally_and_keeps_the_budget():
     """A drawn operator depends on the token alone (its own noise), so the model stays causal in
     training for a fixed draw, and the budget still caps what runs."""
