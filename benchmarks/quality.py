@@ -25,7 +25,7 @@ CHIAR and the baseline, model selection on validation, accuracy on test.
     python benchmarks/quality.py                          # WikiText-2, quick CPU profile, seeds 0 1 2 (docs/benchmarks.md)
     python benchmarks/quality.py --seeds 0 --steps 20     # a smoke run
     python benchmarks/quality.py --profile epoch --variants chiar-random chiar-threshold chiar-learned-bias --capacity_factor 1.25
-                                                          # one epoch of the tiny shape per variant and seed (CPU, about 9 min a run)
+                                                          # one epoch of the tiny shape per variant and seed (CPU, about 7 min a run)
     python benchmarks/quality.py --profile full           # GPU profile (full epochs)
     python benchmarks/quality.py --task imdb              # IMDB, quick profile
     python benchmarks/quality.py --task listops           # ListOps, quick profile
@@ -53,7 +53,7 @@ CLASSIFICATION_VARIANTS = ["baseline", "chiar-threshold"]  # on configs/chiar-ti
 LM_VARIANTS = ["baseline", "chiar-threshold", "chiar-learned", "chiar-learned-explore", "chiar-random", "chiar-3op"]  # chiar/variants.py
 PROFILES = {
     "quick": dict(shape="chiar-v1-2op", steps=200, batch=8, eval_every=50, eval_blocks=96, vocab=8192, lr=1e-3),  # eval_blocks: also test blocks
-    # One epoch of the main job's model (configs/chiar-tiny.json), whole validation and test splits: about 9 min a run on 2 cores.
+    # One epoch of the main job's model (configs/chiar-tiny.json), whole validation and test splits: about 7 min a run on 2 cores.
     "epoch": dict(shape="chiar-tiny", steps=None, epochs=1, batch=8, eval_every=500, eval_blocks=None, vocab=8192, lr=1e-3),
     "full": dict(shape="chiar-v1-2op", steps=None, epochs=6, batch=32, eval_every=250, eval_blocks=None, vocab=16384, lr=1e-3),
 }
