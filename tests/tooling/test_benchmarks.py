@@ -224,3 +224,25 @@ def test_routing_collapse_follows_the_shares_over_training_for_each_share_contro
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(tmp_path / "out" / "routing_collapse-cpu.json")],
                            capture_output=True, text=True)
     assert table.returncode == 0 and "| bias | 0 |" in table.stdout and "lowest RBF share asked" in table.stdout, table.stderr
+
+
+def test_gradient_groups_splits_a_saved_runs_gradient_and_shows_the_share_biases(tmp_path, tokenizer):
+    """The groups' norms make up the total (squares add), and a share-bias gate's biases are printed."""
+    from harness import build
+    from modeling_chiar import ChiarForCausalLM
+
+    model = build(ChiarForCausalLM, "chiar-learned-bias", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(tmp_path / "run")
+    tokenizer.save_pretrained(tmp_path / "run")
+    text = tmp_path / "text.txt"
+    text.write_text("the light falls where detail is needed and nowhere else . " * 40)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gradient_groups.py"), str(tmp_path / "run"), "--text_file", str(text),
+                           "--rows", "2", "--length", "16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    total = float(lines[0].rsplit(" ", 1)[1])
+    groups = {line.strip().rsplit(" ", 1)[0].strip(): float(line.rsplit(" ", 1)[1]) for line in lines[1:] if "share_bias" not in line}
+    assert {"embed_tokens", "layer 1 router", "layer 2 router"} <= set(groups)
+    assert math.isclose(total, sum(v * v for v in groups.values()) ** 0.5, rel_tol=0.01)
+    assert sum("train_share_bias" in line for line in lines) == 2
