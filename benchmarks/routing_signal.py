@@ -11,7 +11,7 @@ holds the query token Q; the answer at a Q is the token `lag` positions before i
 answered only if the router gives it an attention query there: the Q positions are the marked tokens.
 Everything else is token-local. The target is 25% attention; the budget has 20 attention slots per
 64-token block (capacity factor 1.25: room for the asks' spread from block to block, so what runs is
-what share control asked for, not 0.02-0.03 under it as at factor 1), room for every Q; which
+what share control asked for, not 0.014-0.026 under it as at factor 1: 242c86b), room for every Q; which
 tokens they go to is the router's choice. `distractors`: the same, plus a token D at 20% of the
 other positions that needs nothing; Q and D together (about 29% of the tokens) outnumber the 25%
 that share control lets a router ask for, so a router must tell them apart to keep its Qs.

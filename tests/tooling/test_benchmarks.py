@@ -127,8 +127,10 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
     assert refused.returncode == 2 and "--router_aux_loss_coef applies to --task wikitext" in refused.stderr
     refused = subprocess.run([*script, "--task", "imdb", "--profile", "epoch"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--profile epoch applies to --task wikitext" in refused.stderr
+    refused = subprocess.run([*script, "--task", "imdb", "--capacity_factor", "1.25"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--capacity_factor applies to --task wikitext" in refused.stderr
     variants = ["baseline", "chiar-learned", "chiar-random"]
-    done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants, "--router_aux_loss_coef", "0.5"],
+    done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants, "--router_aux_loss_coef", "0.5", "--capacity_factor", "1.25"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     path = tmp_path / "out" / "quality-wikitext-quick-cpu.json"
@@ -138,10 +140,12 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
     overrides = {row["model"]: row["config_overrides"] for row in result["results"]}
     assert 'router_type="learned"' in overrides["chiar-learned"] and "router_aux_loss_coef=0.5" in overrides["chiar-learned"]
     assert "router_aux_loss_coef" not in overrides["chiar-random"]  # the weight goes to the learned router only
+    assert result["settings"]["router_capacity_factor"] == 1.25
     for row in result["results"]:  # each trained by run_clm.py: its Trainer's files are there
         run = ROOT / row["run"] if not Path(row["run"]).is_absolute() else Path(row["run"])
         saved = json.loads((run / "config.json").read_text())
         assert saved["router_type"] == {"baseline": "threshold", "chiar-learned": "learned", "chiar-random": "random"}[row["model"]]
+        assert saved["router_capacity_factor"] == (1.0 if row["model"] == "baseline" else 1.25)  # routed variants only
         assert (run / "trainer_state.json").is_file() and (run / "eval_results.json").is_file()
     ppl = {(row["model"], row["seed"]): row["valid_perplexity"] for row in result["results"]}
     for name in variants:
