@@ -70,6 +70,9 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False)
     ignore_mismatched_sizes: bool = field(default=False, metadata={"help": "Load a checkpoint whose classifier head has another number of labels."})
     attn_implementation: str = field(default="sdpa")
+    routing_settle_batches: int = field(
+        default=16, metadata={"help": "Training batches the routers' eval statistics are settled on after training (0: keep the running ones)."}
+    )
 
 
 @dataclass
@@ -318,6 +321,7 @@ def main(argv=None):
 
     trainer = ChiarTrainer(
         callbacks=[RoutingLoggingCallback()],  # per-layer shares and a rendering at each evaluation
+        settle_batches=model_args.routing_settle_batches,
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -84,6 +84,9 @@ class ModelArguments:
     torch_dtype: str | None = field(default=None, metadata={"help": "The older name of --dtype."})
     low_cpu_mem_usage: bool = field(default=False, metadata={"help": "Accepted for the stock scripts; transformers 5 always loads this way."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager or sdpa"})
+    routing_settle_batches: int = field(
+        default=16, metadata={"help": "Training batches the routers' eval statistics are settled on after training (0: keep the running ones)."}
+    )
 
 
 @dataclass
@@ -235,6 +238,7 @@ def main(argv=None):
 
     trainer = ChiarTrainer(
         callbacks=[RoutingLoggingCallback()],  # per-layer shares and a rendering at each evaluation
+        settle_batches=model_args.routing_settle_batches,
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -74,12 +74,14 @@ def train_lm(name, settings, data, out, tokenizer, seed=0, extra=None, device="c
     shutil.rmtree(out, ignore_errors=True)  # run_clm.py resumes from a checkpoint it finds there
     overrides = config_overrides_argument(name) + f",max_position_embeddings={BLOCK}"
     overrides += "".join(f",{key}={json.dumps(value)}" for key, value in (extra or {}).items())
+    # the training logs (loss, training shares) at each evaluation; twice in a run shorter than one interval
+    logging = min(settings["eval_every"], max(1, settings["steps"] // 2)) if settings["steps"] else settings["eval_every"]
     argv = ["--output_dir", str(out), "--config_name", settings["shape"], "--config_overrides", overrides, "--block_size", str(BLOCK),
             "--train_file", str(data / "wiki.train.tokens"), "--validation_file", str(data / "wiki.valid.tokens"),
             "--test_file", str(data / "wiki.test.tokens"), "--tokenizer_vocab_size", str(settings["vocab"]),
             "--seed", str(seed), "--per_device_train_batch_size", str(settings["batch"]), "--per_device_eval_batch_size", "16",
             "--learning_rate", str(settings["lr"]), "--lr_scheduler_type", "cosine", "--adam_beta2", "0.95",
-            "--eval_strategy", "steps", "--eval_steps", str(settings["eval_every"]), "--logging_steps", str(settings["eval_every"]),
+            "--eval_strategy", "steps", "--eval_steps", str(settings["eval_every"]), "--logging_steps", str(logging),
             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
     argv += ["--max_steps", str(settings["steps"])] if settings["steps"] else ["--num_train_epochs", str(settings["epochs"])]
     if settings["eval_blocks"]:
@@ -97,6 +99,9 @@ def train_lm(name, settings, data, out, tokenizer, seed=0, extra=None, device="c
     curve = [{"step": row["step"], "valid_perplexity": perplexity(row["eval_loss"]), "train_loss": losses.get(row["step"])}
              for row in history if "eval_loss" in row]
     evaluation, steps = results["eval"], history[-1]["step"]
+    late = [row for row in history if "loss" in row and row["step"] > steps / 2]  # training logs of the second half
+    train_routing = {key: sum(row[key] for row in late) / len(late) for key in (late[0] if late else {})
+                     if key.startswith(("train_routing_layer", "train_asked_layer"))}
     if not curve or curve[-1]["step"] != steps:  # the final evaluation, when the last step was not an eval step
         curve.append({"step": steps, "valid_perplexity": evaluation["eval_perplexity"], "train_loss": losses.get(steps)})
     return {
@@ -107,6 +112,7 @@ def train_lm(name, settings, data, out, tokenizer, seed=0, extra=None, device="c
         "attention_flops_fraction": evaluation.get("eval_attention_flops_fraction"),
         "routing": {key.removeprefix("eval_"): value for key, value in evaluation.items()
                     if key.startswith(("eval_routing_layer", "eval_entropy_layer", "eval_overflow_layer"))},
+        "train_routing": train_routing,  # shares in training (dropout on), averaged over the second half's logs
         "run": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
     }
 

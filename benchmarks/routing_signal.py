@@ -28,6 +28,8 @@ eval) as run and as asked (the difference is overflow: asks the budget's blocks 
 and its slots (`slot_share`, the attention queries a fixed-shape kernel computes),
 and recall (share of marked tokens that got attention) and precision (share of attention queries
 that went to marked tokens).
+After training, every router's eval statistics are settled on 16 fresh training batches
+(`settle_routing`, as ChiarTrainer does; `--settle_batches 0` keeps the running ones).
 Results: benchmarks/results/routing_signal-cpu.json.
 """
 
@@ -131,6 +133,9 @@ def run(task, variant, args, seed):
         if routed and step >= args.steps // 2:  # the second half: where training ends up
             for key, value in shares_and_signal(outputs, marks).items():
                 train_counts[key] += value
+    # the eval statistics once on the final weights, from training batches (what ChiarTrainer does after training)
+    model.settle_routing([{"input_ids": task_batch(task, args.batch_size, args.length, args.content, args.lag, args.query_rate,
+                                                   args.distractor_rate, generator)[0]} for _ in range(args.settle_batches)])
     seconds = time.perf_counter() - start
 
     model.eval()
@@ -186,6 +191,8 @@ def main():
     parser.add_argument("--eval_size", type=int, default=256)
     parser.add_argument("--capacity_factor", type=float, default=1.25,
                         help="the budget's slots per block over the target (1.25: 20 attention slots per 64 tokens for a 25%% target)")
+    parser.add_argument("--settle_batches", type=int, default=16,
+                        help="training batches the routers' eval statistics are settled on after training (0: the running ones)")
     parser.add_argument("--output", type=Path, default=RESULTS / "routing_signal-cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))

@@ -90,7 +90,28 @@ def quality(result):
     if "summary" in result:
         lines += ["", seed_summary(result["summary"], "perplexity", 2)]
         lines += relative_to_control(result["results"])
+    lines += routed_shares(result["results"])
     return "\n".join(lines)
+
+
+def routed_shares(rows):
+    """Each routed layer's attention share, eval (end of training) and train (the second half's training
+    logs), as run / as asked, for the runs that logged training shares."""
+    rows = [row for row in rows if row.get("train_routing")]
+    if not rows:
+        return []
+    layers = sorted({int(key.removeprefix("train_routing_layer").split("_")[0]) for row in rows for key in row["train_routing"]})
+    lines = ["", "| model | seed | " + " | ".join(f"layer {i} eval run / asked | layer {i} train run / asked" for i in layers) + " |",
+             "|---|---|" + "---|" * (2 * len(layers))]
+    for row in rows:
+        cells = []
+        for i in layers:
+            run = row["routing"].get(f"routing_layer{i}_attention", 0.0)
+            cells.append(f"{run:.3f} / {run + row['routing'].get(f'overflow_layer{i}_attention', 0.0):.3f}")
+            cells.append(f"{row['train_routing'][f'train_routing_layer{i}_attention']:.3f} / "
+                         f"{row['train_routing'][f'train_asked_layer{i}_attention']:.3f}")
+        lines.append(f"| {row['model']} | {row['seed']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def relative_to_control(rows):

@@ -4,7 +4,8 @@ Per routed quantity the keys are (prefix omitted): `attention_query_fraction`,
 `attention_flops_fraction`, `routing_layer{i}_{operator}` (share of real tokens that ran the
 operator), `overflow_layer{i}_{operator}` (share of real tokens that asked for a budgeted operator
 and took the cheapest one instead), and `entropy_layer{i}` (mean spectral entropy of real tokens). Everything comes from the model's own
-records (`outputs.routing`) and FLOP accounting (`modeling_chiar.flops`).
+records (`outputs.routing`) and FLOP accounting (`modeling_chiar.flops`). Training passes are counted
+too (`TrainingShares`): `train_routing_layer{i}_{operator}` (ran) and `train_asked_layer{i}_{operator}`.
 """
 
 import math
@@ -13,6 +14,7 @@ import re
 import torch
 
 from modeling_chiar.flops import full_attention_layer_flops
+from modeling_chiar.routing import operator_counts
 
 
 def perplexity(loss):
@@ -85,6 +87,39 @@ class RoutingAccumulator:
             if key.startswith(("routing_layer", "entropy_layer", "overflow_layer")):
                 out[key] = sums[key] / real
         return out
+
+
+class TrainingShares:
+    """Each routed layer's asked and executed operator counts over the training passes since the last read,
+    summed on the device, so a training step adds no host sync; read (and reset) when the loss is logged."""
+
+    def __init__(self, config):
+        self.layers = [(i, config.layer_operators(i)) for i in range(config.num_hidden_layers) if len(config.layer_operators(i)) > 1]
+        self.counts = None  # (layers, 2, max operators): asked, ran
+
+    @torch.no_grad()
+    def add(self, routing):
+        width = max(len(ops) for _, ops in self.layers)
+        counts = torch.stack([torch.stack([
+            operator_counts(routing[i].requested_ids if routing[i].requested_ids is not None else routing[i].operator_ids,
+                            routing[i].token_mask, width),
+            operator_counts(routing[i].operator_ids, routing[i].token_mask, width)]) for i, _ in self.layers])
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def read(self, reduce=None):
+        """{train_asked_layer{i}_{op}, train_routing_layer{i}_{op}: share} since the last read ({} if no pass),
+        the counts first summed over processes by `reduce` when given."""
+        if self.counts is None:
+            return {}
+        counts, self.counts = self.counts, None
+        counts = (counts if reduce is None else reduce(counts)).cpu()
+        metrics = {}
+        for (i, ops), (asked, ran) in zip(self.layers, counts):
+            total = float(ran.sum()) or 1.0
+            for k, op in enumerate(ops):
+                metrics[f"train_asked_layer{i}_{op}"] = float(asked[k]) / total
+                metrics[f"train_routing_layer{i}_{op}"] = float(ran[k]) / total
+        return metrics
 
 
 _METRIC = re.compile(r"^(?:[a-z]+_)?(?:(routing|overflow)_layer(\d+)_(\w+)|entropy_layer(\d+))$")

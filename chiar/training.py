@@ -3,6 +3,7 @@ checks of the output folder and of a checkpoint to resume, a locally trained tok
 Trainer that reports routing next to the loss. Data files and their checks live in chiar/data.py,
 named configs and variants in chiar/variants.py."""
 
+import itertools
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Trainer
 
 from chiar.data import ArgumentError
-from chiar.evaluation import RoutingAccumulator, perplexity
+from chiar.evaluation import RoutingAccumulator, TrainingShares, perplexity
 
 SPECIAL_TOKEN = "<|endoftext|>"
 # Config entries that differ between two runs of one model without changing it.
@@ -49,6 +50,8 @@ def check_ranges(data_args, model_args):
     if getattr(model_args, "tokenizer_vocab_size", 257) < 257:
         raise ArgumentError(f"--tokenizer_vocab_size must be at least 257 (the 256 byte symbols and one special token), "
                             f"got {model_args.tokenizer_vocab_size}.")
+    if getattr(model_args, "routing_settle_batches", 0) < 0:
+        raise ArgumentError(f"--routing_settle_batches must be 0 (keep the running statistics) or more, got {model_args.routing_settle_batches}.")
 
 
 def check_output_dir(path):
@@ -207,15 +210,57 @@ def prepare_training_args(training_args):
 class ChiarTrainer(Trainer):
     """A Trainer whose evaluation also reports routing (per-layer shares, mean entropy, attention query
     and FLOP fractions, from the model's own accounting), the router's auxiliary loss, and, for language
-    models, the loss without it (so perplexity is exp(eval_loss)) and next-token accuracy."""
+    models, the loss without it (so perplexity is exp(eval_loss)) and next-token accuracy. Its training
+    logs carry the training passes' shares (`TrainingShares`), and after training it settles the
+    routers' eval statistics on training batches (`settle_routing`)."""
 
     _routing = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, settle_batches=16, **kwargs):
+        """settle_batches: training batches the routers' eval statistics are settled on after training
+        (`settle_routing`; 0: keep the running ones)."""
         super().__init__(*args, **kwargs)
         if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate (1.15) shards on accelerators only
             logger.warning("--fsdp was given but accelerate did not enable FSDP (it does on GPUs and other accelerators, "
                            "not on the CPU): this run is plain data parallel, every process holds the whole model.")
+        self.settle_batches = settle_batches
+        config = getattr(self.model, "config", None)
+        routed = getattr(config, "model_type", None) == "chiar" and config.uses_routing
+        self._training_shares = TrainingShares(config) if routed else None
+
+    def log(self, logs, *args, **kwargs):
+        """Training logs gain each routed layer's asked and executed shares since the last log (`TrainingShares`,
+        summed over processes: every process logs the loss)."""
+        if "loss" in logs and self._training_shares is not None:
+            reduce = (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None
+            logs = {**logs, **self._training_shares.read(reduce)}
+        super().log(logs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self.settle_routing()
+        return result
+
+    def settle_routing(self):
+        """After training, the routers' eval statistics from `settle_batches` training batches on the final
+        weights (`ChiarPreTrainedModel.settle_routing`), so the saved model's eval routes the target shares;
+        with several processes, each settles on its own batches and the statistics are averaged."""
+        from modeling_chiar.routing import eval_statistics
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.settle_batches <= 0 or not hasattr(model, "settle_routing"):
+            return
+        if self.is_fsdp_enabled:  # the unwrapped model's parameters are shards
+            logger.warning("Routing statistics are not settled under FSDP: the model keeps its running ones.")
+            return
+        batches = itertools.islice(self.get_train_dataloader(), self.settle_batches)
+        if not model.settle_routing(batches):
+            return
+        if self.args.world_size > 1:
+            for router in model.model.routers():
+                for name in eval_statistics(router):
+                    getattr(router, name).copy_(self.accelerator.reduce(getattr(router, name).clone(), reduction="mean"))
+        logger.info(f"Routing eval statistics settled on (up to) {self.settle_batches} training batches.")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A step whose loss is NaN or infinite leaves the routers' running statistics as they were
@@ -229,11 +274,15 @@ class ChiarTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._routing is None:
+        counting = self._routing is None and self._training_shares is not None and model.training
+        if self._routing is None and not counting:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss, outputs = super().compute_loss(
             model, {**inputs, "output_routing": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
+        if counting:  # a training pass: its shares are counted on the device and logged with the loss
+            self._training_shares.add(outputs.routing)
+            return (loss, outputs) if return_outputs else loss
         accumulator, extra = self._routing
         accumulator.add(outputs.routing)
         config = self.model.config

@@ -32,6 +32,7 @@ from .routing import (
     MetaRouter,
     build_router,
     calibrates,
+    eval_statistics,
     has_gate,
     is_dense,
     needs_entropy,
@@ -41,6 +42,7 @@ from .routing import (
     reported_thresholds,
     route,
     running_statistics,
+    settle,
     snapshot,
 )
 from .spectral import dct_matrix, spectral_entropy
@@ -65,6 +67,7 @@ class LayerRouting:
     thresholds: torch.Tensor | None = None  # threshold router only: its eval thresholds
     requested_ids: torch.Tensor | None = None  # (B, T) what the router asked for (None: same as operator_ids)
     router_score: torch.Tensor | None = None  # (B, T) the exploring gate's ranking score (its eval cut calibrates on it)
+    router_logits: torch.Tensor | None = None  # (B, T, K) a balancing gate's choice logits before its share bias
     slots: dict | None = None  # budgeted operator -> query slots of this pass (batch x slots per row)
     dense: bool = False  # every operator ran on every token (one operator, or the soft router)
     attention_flops: float = 0.0  # attention FLOPs executed (projections and kernel)
@@ -209,6 +212,7 @@ class TokenMixer(nn.Module):
             thresholds=thresholds,
             requested_ids=requested,
             router_score=routed.score if routed is not None else None,
+            router_logits=routed.logits if routed is not None else None,
             slots=slots,
             dense=routed is None or is_dense(self.router),
             attention_flops=attention_flops,
@@ -281,6 +285,37 @@ class ChiarPreTrainedModel(PreTrainedModel):
         "AutoModelForCausalLM": "modeling_chiar.ChiarForCausalLM",
         "AutoModelForSequenceClassification": "modeling_chiar.ChiarForSequenceClassification",
     }
+
+    @torch.no_grad()
+    def settle_routing(self, batches):
+        """Set the routers' eval statistics once, on the weights as they are: each calibrating router's eval
+        thresholds, exploring cut or share bias (`routing.eval_statistics`) from eval-mode passes over
+        `batches` (dicts with `input_ids` and optionally `attention_mask`: training batches, the data the
+        running statistics come from), so that eval routes the target shares of that data. Training
+        statistics are left alone. Call it after training (ChiarTrainer does; precise statistics, as for
+        batch norm): the running ones trail a gate that was still moving. One round of passes per
+        calibrating router, since a router's inputs depend on the routers before it.
+
+        Returns the number of routers settled (0: nothing to settle, no pass is made)."""
+        base = getattr(self, self.base_model_prefix, self)
+        settling = [r for r in base.routers() if eval_statistics(r)]
+        batches = list(batches)
+        if not settling or not batches:
+            return 0
+        was_training = base.training
+        base.eval()
+        device = base.embed_tokens.weight.device
+        try:
+            for _ in settling:
+                base._settle_passes = []
+                for batch in batches:
+                    mask = batch.get("attention_mask")
+                    base(input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device))
+                settle(base.routers(), base._settle_passes)
+        finally:
+            base._settle_passes = None
+            base.train(was_training)
+        return len(settling)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Weights and config as usual, plus the model's code and a complete `auto_map`, so the folder
@@ -414,6 +449,7 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.dct_basis = nn.Buffer(dct_matrix(config.hidden_size), persistent=False)
         self.gradient_checkpointing = False
+        self._settle_passes = None  # a list while `settle_routing` collects eval passes' records
         self.post_init()
 
     def reset_from_config(self, config):
@@ -553,6 +589,8 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             cache.advance(inputs.token_mask, inputs.order, length, batch, hidden_states.device)
         if calibrating:
             self._observe(records, inputs, ctx)
+        if self._settle_passes is not None:
+            self._settle_passes.append((records, inputs.positions, inputs.token_mask))
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
 
         if output_routing:
@@ -727,6 +765,7 @@ class ChiarModel(ChiarPreTrainedModel, KeepsFP32Buffers):
             record = dataclasses.replace(
                 record, operator_ids=back(record.operator_ids), requested_ids=back(record.requested_ids), entropy=back(record.entropy),
                 router_score=back(record.router_score),
+                router_logits=back(record.router_logits),
             )
         return dataclasses.replace(record, token_mask=inputs.caller_mask)
 

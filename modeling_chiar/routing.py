@@ -39,6 +39,7 @@ class RoutingDecision:
     probs: torch.Tensor | None = None  # (B, n, K) gate probabilities (learned and soft routers)
     aux_loss: torch.Tensor | None = None  # scalar, learned router only
     score: torch.Tensor | None = None  # (B, n) the exploring gate's ranking score, detached (its eval cut calibrates on it)
+    logits: torch.Tensor | None = None  # (B, n, K) a balancing gate's choice logits before its share bias, detached (`settle`)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class RoutedTokens:
     aux_loss: torch.Tensor | None
     budget_state: torch.Tensor | None  # (B, K) asks so far in each row's current block (decoding cache)
     score: torch.Tensor | None = None  # the router's ranking score (`RoutingDecision.score`)
+    logits: torch.Tensor | None = None  # a balancing gate's choice logits (`RoutingDecision.logits`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +123,15 @@ def break_ties(score, positions, layer_idx):
     if positions is None:
         return score
     return score + TIE_BREAK * position_hash(positions, layer_idx).to(score.device)
+
+
+def break_logit_ties(logits, positions, layer_idx):
+    """`break_ties` for an argmax over (..., K) logits: operator k's logit gains k x the position hash
+    at the scale TIE_BREAK (for two operators, `break_ties` of the logit difference)."""
+    if positions is None:
+        return logits
+    ranks = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+    return logits + TIE_BREAK * position_hash(positions, layer_idx).to(logits.device)[..., None] * ranks
 
 
 class ThresholdRouter(KeepsFP32Buffers):
@@ -204,6 +215,12 @@ class ThresholdRouter(KeepsFP32Buffers):
         self.num_updates.add_(found.long())
         self.skipped_updates.add_((~finite).long())
 
+    @torch.no_grad()
+    def settle(self, score, mask):
+        """Set the eval thresholds to the quantiles of `score` where `mask` (`routing.settle`)."""
+        quantiles, found = masked_quantiles(score, mask, self.quantile_levels)
+        self.thresholds.copy_(torch.where(found, quantiles, self.thresholds))
+
 
 def _nan_at(score, mask):
     """Whether any counted entry of `score` is NaN (0-dim bool)."""
@@ -251,6 +268,19 @@ def share_error(ids, mask, targets):
     return (targets - count / total.clamp_min(1)) / targets, total > 0
 
 
+def balancing_bias(logits, mask, targets, start, steps=400, first_rate=1.0, last_rate=1e-7):
+    """The bias b at which argmax(logits + b) gives each operator its target share of the rows of `logits`
+    (N, K) where `mask` (N,): `balance_shares`'s proportional update, iterated from `start` on these fixed
+    logits with a step that shrinks geometrically from `first_rate` to `last_rate`, so it settles inside
+    the gap between two tokens' logits rather than jumping across it."""
+    bias = start.clone().float()
+    decay = (last_rate / first_rate) ** (1.0 / steps)
+    for step in range(steps):
+        error, _ = share_error((logits + bias).argmax(dim=-1), mask, targets)
+        bias += first_rate * decay**step * error
+    return bias
+
+
 class GateRouter(KeepsFP32Buffers):
     """A linear gate on [x, z(H)] where z standardises the entropy (learned and soft routers).
 
@@ -258,7 +288,8 @@ class GateRouter(KeepsFP32Buffers):
     so a fresh gate routes like the paper and learning moves it from there. `hard=True` (learned):
     top-1 in the forward pass, the executed operator's output scaled by p / p.detach() (1 in value,
     `route()`) so the gate gets gradient. Share control (`router_share_control`): an auxiliary loss
-    (`"aux_loss"`), or (`"bias"`) a per-operator bias added to the logits for the choice only, moved
+    (`"aux_loss"`), or (`"bias"`) a per-operator bias added to the logits (for the choice and the
+    straight-through gradient; none reaches the bias), moved
     after each training pass by `bias_rate` x (target - share) / target (the auxiliary-loss-free
     balancing of DeepSeek-V3, proportional where theirs takes the sign: the sign settles where the
     median batch hits the target, which with small batches is off the mean): no gradient, so it
@@ -362,10 +393,16 @@ class GateRouter(KeepsFP32Buffers):
         training = self.training if training is None else training
         z = (entropy - self.center) / self.scale
         logits = x.float() @ self.weight.float().T + z[..., None] * self.entropy_weight + self.bias
-        probs = logits.softmax(dim=-1)
         bias = self.routing_state(training) if state is None else state
-        choice = logits.detach() if bias is None else logits.detach() + bias.to(logits.device)  # the bias moves the choice only
-        score = None
+        # With a share bias the straight-through gradient is taken at the biased gate, the one that chooses:
+        # unbiased, the task's pull on every token's attention logit (which the bias offsets) saturates the
+        # gate, and its gradient p(1 - p) vanishes while the logits and the bias run away together.
+        probs = (logits if bias is None else logits + bias.to(logits.device)).softmax(dim=-1)
+        choice, unbiased, score = logits.detach(), None, None
+        if self.balance and not self.explore:  # ties split by position, so that a bias can cut a mass point
+            choice = unbiased = break_logit_ties(choice, positions, self.layer_idx)
+        if bias is not None:
+            choice = choice + bias.to(logits.device)  # no gradient reaches the bias
         if not self.explore:
             ids = choice.argmax(dim=-1)
         else:
@@ -378,7 +415,7 @@ class GateRouter(KeepsFP32Buffers):
                 bands = self.eval_thresholds.to(probs.device)
                 ids = (score > bands[0]).long() if bands.numel() == 1 else (score >= bands[0]).long() + (score > bands[1]).long()
         aux_loss = self.aux_loss(probs, ids, token_mask) if self.hard and not self.balance else None
-        return RoutingDecision(operator_ids=ids, probs=probs, aux_loss=aux_loss, score=score)
+        return RoutingDecision(operator_ids=ids, probs=probs, aux_loss=aux_loss, score=score, logits=unbiased)
 
     @torch.no_grad()
     def balance_shares(self, train_ids, train_mask, entropy, eval_ids=None, eval_mask=None, eval_entropy=None):
@@ -412,6 +449,17 @@ class GateRouter(KeepsFP32Buffers):
         rate = update_rate(self.num_updates, self.momentum, found)
         self.eval_thresholds.lerp_(torch.where(found, quantiles, self.eval_thresholds), rate)
         self.num_updates.add_(found.long())
+
+    @torch.no_grad()
+    def settle(self, score, mask, logits):
+        """Set what eval routes with from eval-mode passes on fixed weights (`routing.settle`): an exploring
+        gate's cut to the quantiles of its ranking `score`, a plain balancing gate's `share_bias` to the bias
+        at which the argmax of its `logits` gives the target shares."""
+        if self.explore:
+            quantiles, found = masked_quantiles(score, mask, self.quantile_levels)
+            self.eval_thresholds.copy_(torch.where(found, quantiles, self.eval_thresholds))
+        elif self.balance:
+            self.share_bias.copy_(balancing_bias(logits, mask, self.targets, self.share_bias))
 
     def aux_loss(self, probs, ids, token_mask):
         """sum_k ((f_k - t_k) / t_k)^2 over the hard shares f, straight-through to the mean probabilities.
@@ -687,7 +735,7 @@ def route(router, operators, config, x, entropy, ctx, router_state=None, carried
     selections = [Selection(mask=executed == 0, weight=weight)]
     selections += [Selection(mask=executed == k, slots=slots[k], weight=weight) for k in range(1, len(operators))]
     budget_state = torch.stack([torch.zeros_like(states[0])] + states, dim=1) if keep_state else None
-    return RoutedTokens(selections, executed, asked, decision.aux_loss, budget_state, decision.score)
+    return RoutedTokens(selections, executed, asked, decision.aux_loss, budget_state, decision.score, decision.logits)
 
 
 @torch.no_grad()
@@ -709,6 +757,42 @@ def observe(routers, records, positions, token_mask, eval_records=None, eval_pos
         if router.balance:
             router.balance_shares(record.requested_ids, token_mask, record.entropy, None if plain else eval_records[i].requested_ids,
                                   eval_mask, None if plain else eval_records[i].entropy)
+
+
+@torch.no_grad()
+def settle(routers, passes):
+    """Set each calibrating router's eval statistics (`eval_statistics`) from eval-mode passes over fixed
+    weights, pooled over every pass's real tokens (`ChiarPreTrainedModel.settle_routing`). A running
+    statistic follows a gate that moves while it trains, and a share bias or a cut that moves step by
+    step can land on either side of a mass point; computed once on the final weights, eval routes the
+    target shares of the data it was settled on (precise statistics, as for batch norm).
+
+    passes: (records, positions, token_mask) of each pass, the records in the model's token order.
+    """
+    for i, router in enumerate(routers):
+        if not eval_statistics(router):
+            continue
+        records = [(records[i], positions, mask) for records, positions, mask in passes]
+        real = [torch.ones_like(r.operator_ids, dtype=torch.bool) if m is None else m for r, _, m in records]
+        mask = torch.cat([m.flatten() for m in real])
+        if isinstance(router, ThresholdRouter):
+            score = torch.cat([router.score(r.entropy, p).flatten() for r, p, _ in records])
+            router.settle(score, mask)
+            continue
+        score = None if records[0][0].router_score is None else torch.cat([r.router_score.flatten() for r, _, _ in records])
+        logits = None if records[0][0].router_logits is None else torch.cat([r.router_logits.flatten(0, -2) for r, _, _ in records])
+        router.settle(score, mask, logits)
+
+
+def eval_statistics(router):
+    """Names of the buffers `settle` sets: what a router routes with in eval that training calibrates."""
+    if isinstance(router, ThresholdRouter) and router.calibrate:
+        return ("thresholds",)
+    if isinstance(router, GateRouter) and router.explore:
+        return ("eval_thresholds",)
+    if isinstance(router, GateRouter) and router.balance:
+        return ("share_bias",)
+    return ()
 
 
 def calibrates(router):

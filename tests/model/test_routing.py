@@ -4,7 +4,7 @@ import torch
 from harness import build, random_ids, tiny_config, wikitext_blocks, wikitext_bpe
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 from modeling_chiar.operators import MixContext
-from modeling_chiar.routing import GateRouter, RandomRouter, ThresholdRouter, position_hash, route
+from modeling_chiar.routing import GateRouter, RandomRouter, ThresholdRouter, balancing_bias, position_hash, route
 
 
 def test_threshold_bands_two_and_three_operators():
@@ -319,13 +319,14 @@ def test_a_share_bias_moves_against_the_share_error_and_skips_what_it_cannot_cou
     real = [0.1 * (0.375 - 0.25) / 0.375, 0.1, 0.1 * (0.25 - 0.75) / 0.25]
     assert gate.train_share_bias.tolist() == pytest.approx([a + b for a, b in zip(step, real)])
     assert gate.share_bias.tolist() == pytest.approx([step[0] + 0.1 * (0.375 - 1) / 0.375, step[1] + 0.1, step[2] + 0.1])
-    # The bias moves the choice only: the probabilities (gradient and ranking) are the gate's own.
+    # The bias moves the choice, and the probabilities (the straight-through gradient) are the biased gate's.
     x = torch.randn(1, 8, config.hidden_size)
     plain = GateRouter(tiny_config(router_type="learned", routed_operators=three), 1, hard=True)
     plain.load_state_dict(gate.state_dict(), strict=False)
     biased = gate.train()(x, entropy, None, None)
-    torch.testing.assert_close(biased.probs, plain.train()(x, entropy, None, None).probs)
-    assert torch.equal(biased.operator_ids, (biased.probs.log() + gate.train_share_bias).argmax(-1)) and biased.aux_loss is None
+    unbiased = plain.train()(x, entropy, None, None).probs
+    torch.testing.assert_close(biased.probs, (unbiased.log() + gate.train_share_bias).softmax(-1))
+    assert torch.equal(biased.operator_ids, biased.probs.argmax(-1)) and biased.aux_loss is None
 
 
 def held_out_attention_asks(model, rows):
@@ -440,3 +441,90 @@ def test_the_straight_through_weight_is_one_where_a_bias_chooses_an_operator_the
         torch.testing.assert_close(selection.weight.detach(), torch.ones(1, 8, 1), atol=0, rtol=0)
     routed.selections[1].weight.sum().backward()
     assert torch.isfinite(mixer.router.weight.grad).all()
+
+
+SETTLING = ["chiar-threshold", "chiar-3op", "chiar-learned-explore", "chiar-learned-explore-bias", "chiar-learned-bias",
+            "learned-bias-dct+rbf+attention"]
+
+
+def asked_shares(model, batches):
+    """Each routed layer's asked share of every operator over `batches`, in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        outs = [model(**batch, output_routing=True) for batch in batches]
+    shares = []
+    for i, record in enumerate(outs[0].routing):
+        if len(record.operators) > 1:
+            counts = torch.tensor([out.routing[i].counts(requested=True)[0] for out in outs]).sum(0).float()
+            shares.append(dict(zip(record.operators, (counts / counts.sum()).tolist())))
+    return shares
+
+
+@pytest.mark.parametrize("variant", SETTLING)
+def test_settling_routes_the_target_shares_of_the_data_it_was_settled_on(variant):
+    """After a few training steps the running statistics are off; settled on fixed weights, eval asks the
+    targets of the settling batches (left-padded rows included) to a token, and training statistics stay."""
+    model = build(ChiarForCausalLM, variant, hidden_dropout=0.1).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(10):
+        ids = random_ids(4, 64, seed=step)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    mask = torch.ones(8, 64, dtype=torch.long)
+    mask[:3, :20] = 0  # left padding: real tokens only are counted
+    batches = [{"input_ids": random_ids(8, 64, seed=100 + i), "attention_mask": mask} for i in range(4)]
+    training = {name: buffer.clone() for name, buffer in model.named_buffers() if "train_" in name or "num_updates" in name}
+    assert model.settle_routing(batches) == 2
+    for name, buffer in model.named_buffers():
+        if name in training:
+            assert torch.equal(buffer, training[name]), name
+    tokens = int(mask.sum()) * len(batches)
+    for shares in asked_shares(model, batches):
+        for op, target in model.config.router_target_fractions.items():
+            assert abs(shares[op] - target) <= 2 / tokens + 1e-6, (shares, op)
+
+
+def test_settling_leaves_the_training_mode_and_does_nothing_where_nothing_calibrates():
+    model = build(ChiarForCausalLM, "chiar-threshold").train()
+    assert model.settle_routing([{"input_ids": random_ids(2, 16)}]) == 2 and model.training
+    for variant in ("baseline", "chiar-random", "chiar-learned", "fixed-thresholds"):
+        model = build(ChiarForCausalLM, variant)
+        before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        assert model.settle_routing([{"input_ids": random_ids(2, 16)}]) == 0
+        assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
+
+
+def test_a_settled_share_bias_splits_tokens_that_tie_at_the_target_share():
+    """Two token kinds with equal hidden vectors within a kind (as below the first attention layer): a
+    plain share-bias gate's choice splits a kind by position, so the settled bias gives the target share;
+    without positions it can only take all of a kind or none."""
+    config = tiny_config(router_type="learned", router_share_control="bias")
+    router = GateRouter(config, 1, hard=True)
+    router.reset_from_config(config)
+    router.eval()
+    kinds = torch.randn(2, config.hidden_size)
+    ids = torch.randint(0, 2, (4, 512), generator=torch.Generator().manual_seed(0))
+    x, entropy, positions = kinds[ids], torch.full((4, 512), 0.8), torch.arange(512).expand(4, 512)
+    logits = router(x, entropy, positions, None).logits
+    router.settle(None, torch.ones(4 * 512, dtype=torch.bool), logits.flatten(0, 1))
+    share = router(x, entropy, positions, None).operator_ids.float().mean().item()
+    assert abs(share - 0.25) < 0.005, share
+    tied = router(x, entropy, None, None).operator_ids.float().mean().item()
+    assert abs(tied - 0.25) > 0.15, tied
+
+
+def test_the_balancing_bias_is_the_quantile_cut_for_two_operators_and_exact_for_three():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5000, 2, generator=generator) * 3
+    mask = torch.rand(5000, generator=generator) > 0.2
+    targets = torch.tensor([0.75, 0.25])
+    bias = balancing_bias(logits, mask, targets, torch.zeros(2))
+    chosen = (logits + bias).argmax(-1)
+    assert abs(chosen[mask].float().mean().item() - 0.25) < 1e-3
+    difference = (logits[:, 1] - logits[:, 0])[mask]
+    assert abs(torch.quantile(difference, 0.75).item() - (bias[0] - bias[1]).item()) < 0.02  # the cut is the quantile
+    logits = torch.randn(6000, 3, generator=generator) + torch.tensor([4.0, -2.0, 0.0])  # far from the targets at b = 0
+    targets = torch.tensor([0.375, 0.375, 0.25])
+    shares = torch.bincount((logits + balancing_bias(logits, None, targets, torch.zeros(3))).argmax(-1), minlength=3) / 6000
+    torch.testing.assert_close(shares, targets, atol=1e-3, rtol=0)

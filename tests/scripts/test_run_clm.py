@@ -140,6 +140,7 @@ def test_two_processes_with_accelerate(tmp_path):
         (("--config_overrides", "hidden_size=30"), "divisible"),
         (("--config_overrides", "colour=blue"), "no field 'colour'"),
         (("--train_file", "data.parquet"), "cannot tell the format"),
+        (("--routing_settle_batches", "-1"), "routing_settle_batches must be 0"),
     ],
 )
 def test_bad_arguments_fail_at_start_with_a_clear_message(tmp_path, change, message):

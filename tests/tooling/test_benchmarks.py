@@ -147,6 +147,12 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
         assert saved["router_type"] == {"baseline": "threshold", "chiar-learned": "learned", "chiar-random": "random"}[row["model"]]
         assert saved["router_capacity_factor"] == (1.0 if row["model"] == "baseline" else 1.25)  # routed variants only
         assert (run / "trainer_state.json").is_file() and (run / "eval_results.json").is_file()
+        shares = row["train_routing"]  # the training logs' shares: routed layers 1 and 2 of the v1 schedule
+        if row["model"] == "baseline":
+            assert shares == {}
+        else:
+            assert set(shares) == {f"train_{kind}_layer{i}_{op}" for kind in ("asked", "routing") for i in (1, 2) for op in ("dct", "attention")}
+            assert shares["train_routing_layer1_attention"] + shares["train_routing_layer1_dct"] == pytest.approx(1.0)
     ppl = {(row["model"], row["seed"]): row["valid_perplexity"] for row in result["results"]}
     for name in variants:
         assert ppl[name, 0] != ppl[name, 1]  # the seed changes the initial weights and batches
@@ -161,6 +167,7 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
         assert Path(plot).is_file()
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(path)], capture_output=True, text=True)
     assert table.returncode == 0 and "valid ppl minus random control's" in table.stdout, table.stderr
+    assert "layer 2 train run / asked" in table.stdout
 
 
 def test_device_check_passes_on_the_cpu(tmp_path):
