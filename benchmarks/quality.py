@@ -74,8 +74,10 @@ def train_lm(name, settings, data, out, tokenizer, seed=0, extra=None, device="c
     shutil.rmtree(out, ignore_errors=True)  # run_clm.py resumes from a checkpoint it finds there
     overrides = config_overrides_argument(name) + f",max_position_embeddings={BLOCK}"
     overrides += "".join(f",{key}={json.dumps(value)}" for key, value in (extra or {}).items())
-    # the training logs (loss, training shares) at each evaluation; twice in a run shorter than one interval
-    logging = min(settings["eval_every"], max(1, settings["steps"] // 2)) if settings["steps"] else settings["eval_every"]
+    # the training logs (loss, training shares) five times per evaluation interval, so at each evaluation too;
+    # at least twice in a run shorter than one interval
+    logging = max(1, settings["eval_every"] // 5)
+    logging = min(logging, max(1, settings["steps"] // 2)) if settings["steps"] else logging
     argv = ["--output_dir", str(out), "--config_name", settings["shape"], "--config_overrides", overrides, "--block_size", str(BLOCK),
             "--train_file", str(data / "wiki.train.tokens"), "--validation_file", str(data / "wiki.valid.tokens"),
             "--test_file", str(data / "wiki.test.tokens"), "--tokenizer_vocab_size", str(settings["vocab"]),

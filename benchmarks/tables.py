@@ -100,7 +100,9 @@ def routed_shares(rows):
     rows = [row for row in rows if row.get("train_routing")]
     if not rows:
         return []
-    layers = sorted({int(key.removeprefix("train_routing_layer").split("_")[0]) for row in rows for key in row["train_routing"]})
+    prefix = "train_routing_layer"
+    layers = sorted({int(key.removeprefix(prefix).split("_")[0]) for row in rows for key in row["train_routing"]
+                     if key.startswith(prefix) and key.endswith("_attention")})
     lines = ["", "| model | seed | " + " | ".join(f"layer {i} eval run / asked | layer {i} train run / asked" for i in layers) + " |",
              "|---|---|" + "---|" * (2 * len(layers))]
     for row in rows:
@@ -108,8 +110,9 @@ def routed_shares(rows):
         for i in layers:
             run = row["routing"].get(f"routing_layer{i}_attention", 0.0)
             cells.append(f"{run:.3f} / {run + row['routing'].get(f'overflow_layer{i}_attention', 0.0):.3f}")
-            cells.append(f"{row['train_routing'][f'train_routing_layer{i}_attention']:.3f} / "
-                         f"{row['train_routing'][f'train_asked_layer{i}_attention']:.3f}")
+            train = row["train_routing"]
+            cells.append(f"{train.get(f'train_routing_layer{i}_attention', 0.0):.3f} / "
+                         f"{train.get(f'train_asked_layer{i}_attention', 0.0):.3f}")
         lines.append(f"| {row['model']} | {row['seed']} | " + " | ".join(cells) + " |")
     return lines
 

@@ -106,13 +106,19 @@ class TrainingShares:
             operator_counts(routing[i].operator_ids, routing[i].token_mask, width)]) for i, _ in self.layers])
         self.counts = counts if self.counts is None else self.counts + counts
 
-    def read(self, reduce=None):
+    def read(self, reduce=None, device="cpu"):
         """{train_asked_layer{i}_{op}, train_routing_layer{i}_{op}: share} since the last read ({} if no pass),
-        the counts first summed over processes by `reduce` when given."""
-        if self.counts is None:
+        the counts first summed over processes by `reduce` when given (a process without a pass since
+        the last read takes part with zeros on `device`, so that every process joins the reduction)."""
+        if self.counts is None and reduce is None:
             return {}
+        width = max(len(ops) for _, ops in self.layers)
         counts, self.counts = self.counts, None
+        if counts is None:
+            counts = torch.zeros(len(self.layers), 2, width, device=device)
         counts = (counts if reduce is None else reduce(counts)).cpu()
+        if not counts.any():
+            return {}
         metrics = {}
         for (i, ops), (asked, ran) in zip(self.layers, counts):
             total = float(ran.sum()) or 1.0

@@ -87,7 +87,8 @@ def _architecture(model):
     if config.router_type == "threshold":
         calibrated = (
             " Thresholds were fixed in the config." if config.router_thresholds is not None
-            else " Thresholds are running quantiles calibrated during training and stored in the checkpoint."
+            else " Thresholds are entropy quantiles calibrated on training batches (running during training, settled on the"
+            " final weights after it when trained with ChiarTrainer) and stored in the checkpoint."
         )
     elif config.router_type == "learned":
         calibrated = (

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -233,11 +234,13 @@ class ChiarTrainer(Trainer):
         summed over processes: every process logs the loss)."""
         if "loss" in logs and self._training_shares is not None:
             reduce = (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None
-            logs = {**logs, **self._training_shares.read(reduce)}
+            logs = {**logs, **self._training_shares.read(reduce, self.args.device)}
         super().log(logs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
+        if self._training_shares is not None:  # passes after the last log are not carried into a later run's first one
+            self._training_shares.counts = None
         self.settle_routing()
         return result
 
@@ -245,19 +248,22 @@ class ChiarTrainer(Trainer):
         """After training, the routers' eval statistics from `settle_batches` training batches on the final
         weights (`ChiarPreTrainedModel.settle_routing`), so the saved model's eval routes the target shares;
         with several processes, each settles on its own batches and the statistics are averaged."""
-        from modeling_chiar.routing import eval_statistics
-
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if self.settle_batches <= 0 or not hasattr(model, "settle_routing"):
             return
-        if self.is_fsdp_enabled:  # the unwrapped model's parameters are shards
-            logger.warning("Routing statistics are not settled under FSDP: the model keeps its running ones.")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        if self.is_fsdp_enabled or getattr(plugin, "zero_stage", 0) == 3:  # the unwrapped model's parameters are shards
+            logger.warning("Routing statistics are not settled under FSDP or DeepSpeed ZeRO-3: the model keeps its running ones.")
             return
         batches = itertools.islice(self.get_train_dataloader(), self.settle_batches)
-        if not model.settle_routing(batches):
+        with self.accelerator.autocast():  # the precision training ran at (bf16, fp16), which eval will run at
+            settled = model.settle_routing(batches)
+        if not settled:
             return
         if self.args.world_size > 1:
             for router in model.model.routers():
+                # the routing module the router was defined in: a Hub checkpoint's remote code has its own copy
+                eval_statistics = sys.modules[type(router).__module__].eval_statistics
                 for name in eval_statistics(router):
                     getattr(router, name).copy_(self.accelerator.reduce(getattr(router, name).clone(), reduction="mean"))
         logger.info(f"Routing eval statistics settled on (up to) {self.settle_batches} training batches.")

@@ -78,8 +78,8 @@ class LayerRouting:
 
     def counts(self, requested=False):
         """(real tokens per operator, real tokens): what ran, or with `requested` what the router
-        asked for. Every share that is reported (here, in the Trainer's metrics, the audit and the
-        routing statistics) is counted by this method."""
+        asked for, read back to the host (the audit and the routing statistics count with it; the
+        Trainer's metrics count the same real tokens on the device, `routing.operator_counts`)."""
         ids = self.requested_ids if requested and self.requested_ids is not None else self.operator_ids
         real = self._real(ids)
         return torch.bincount(real, minlength=len(self.operators)).tolist(), int(real.numel())
@@ -290,7 +290,7 @@ class ChiarPreTrainedModel(PreTrainedModel):
     def settle_routing(self, batches):
         """Set the routers' eval statistics once, on the weights as they are: each calibrating router's eval
         thresholds, exploring cut or share bias (`routing.eval_statistics`) from eval-mode passes over
-        `batches` (dicts with `input_ids` and optionally `attention_mask`: training batches, the data the
+        `batches` (dicts with `input_ids`, optionally `attention_mask` and `position_ids`: training batches, the data the
         running statistics come from), so that eval routes the target shares of that data. Training
         statistics are left alone. Call it after training (ChiarTrainer does; precise statistics, as for
         batch norm): the running ones trail a gate that was still moving. One round of passes per
@@ -309,8 +309,8 @@ class ChiarPreTrainedModel(PreTrainedModel):
             for _ in settling:
                 base._settle_passes = []
                 for batch in batches:
-                    mask = batch.get("attention_mask")
-                    base(input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device))
+                    extra = {key: batch[key].to(device) for key in ("attention_mask", "position_ids") if batch.get(key) is not None}
+                    base(input_ids=batch["input_ids"].to(device), **extra)
                 settle(base.routers(), base._settle_passes)
         finally:
             base._settle_passes = None

@@ -39,7 +39,7 @@ class RoutingDecision:
     probs: torch.Tensor | None = None  # (B, n, K) gate probabilities (learned and soft routers)
     aux_loss: torch.Tensor | None = None  # scalar, learned router only
     score: torch.Tensor | None = None  # (B, n) the exploring gate's ranking score, detached (its eval cut calibrates on it)
-    logits: torch.Tensor | None = None  # (B, n, K) a balancing gate's choice logits before its share bias, detached (`settle`)
+    logits: torch.Tensor | None = None  # (B, n, K) a balancing gate's choice logits before its share bias (centred, ties split), detached (`settle`)
 
 
 @dataclass
@@ -125,13 +125,20 @@ def break_ties(score, positions, layer_idx):
     return score + TIE_BREAK * position_hash(positions, layer_idx).to(score.device)
 
 
+DRIFT_RATE = 0.1  # a share bias's integral step, relative to its proportional one (`GateRouter.balance_shares`)
+LOGIT_TIE_BREAK = 1e-3  # a thousandth of a logit: no preference of a gate's, yet resolved in float32 beside biases of 10s
+
+
 def break_logit_ties(logits, positions, layer_idx):
-    """`break_ties` for an argmax over (..., K) logits: operator k's logit gains k x the position hash
-    at the scale TIE_BREAK (for two operators, `break_ties` of the logit difference)."""
+    """`break_ties` for an argmax over (..., K) logits: each token's logits less their maximum (the same
+    argmax, whatever a bias adds), operator k's then gaining k x the position hash at the scale
+    LOGIT_TIE_BREAK. Centred, the hash is added beside the logit differences and the bias that cuts them
+    rather than beside a large common offset, where float32 would round it away."""
     if positions is None:
         return logits
     ranks = torch.arange(logits.shape[-1], device=logits.device, dtype=logits.dtype)
-    return logits + TIE_BREAK * position_hash(positions, layer_idx).to(logits.device)[..., None] * ranks
+    centred = logits - logits.amax(dim=-1, keepdim=True)
+    return centred + LOGIT_TIE_BREAK * position_hash(positions, layer_idx).to(logits.device)[..., None] * ranks
 
 
 class ThresholdRouter(KeepsFP32Buffers):
@@ -276,8 +283,8 @@ def balancing_bias(logits, mask, targets, start, steps=400, first_rate=1.0, last
     bias = start.clone().float()
     decay = (last_rate / first_rate) ** (1.0 / steps)
     for step in range(steps):
-        error, _ = share_error((logits + bias).argmax(dim=-1), mask, targets)
-        bias += first_rate * decay**step * error
+        error, found = share_error((logits + bias).argmax(dim=-1), mask, targets)
+        bias += first_rate * decay**step * error * found  # no token: `start` stays
     return bias
 
 
@@ -304,7 +311,7 @@ class GateRouter(KeepsFP32Buffers):
     are the targets and the tokens the gate ranks highest get the costlier operators.
     """
 
-    fp32_buffers = ("targets", "center", "scale", "eval_thresholds", "train_share_bias", "share_bias")
+    fp32_buffers = ("targets", "center", "scale", "eval_thresholds", "train_share_bias", "train_share_drift", "share_bias", "share_drift")
 
     def __init__(self, config, layer_idx, hard):
         super().__init__()
@@ -323,10 +330,12 @@ class GateRouter(KeepsFP32Buffers):
         if self.balance:
             self.bias_rate = config.router_bias_rate
             self.train_share_bias = nn.Buffer(torch.zeros(num_ops))
-            statistics.append("train_share_bias")
+            self.train_share_drift = nn.Buffer(torch.zeros(num_ops))
+            statistics += ["train_share_bias", "train_share_drift"]
             if not self.explore:  # an exploring gate's eval cuts at its calibrated quantiles instead
                 self.share_bias = nn.Buffer(torch.zeros(num_ops))
-                statistics.append("share_bias")
+                self.share_drift = nn.Buffer(torch.zeros(num_ops))
+                statistics += ["share_bias", "share_drift"]
         if statistics:
             self.skipped_updates = nn.Buffer(torch.zeros((), dtype=torch.long), persistent=False)
         self.running_statistics = tuple(statistics)
@@ -353,7 +362,7 @@ class GateRouter(KeepsFP32Buffers):
         if self.explore:
             init.copy_(self.eval_thresholds, self.flat_score(config).repeat(len(config.routed_operators) - 1).to(self.bias.device))
             init.zeros_(self.num_updates)
-        for name in ("train_share_bias", "share_bias", "skipped_updates"):
+        for name in ("train_share_bias", "train_share_drift", "share_bias", "share_drift", "skipped_updates"):
             if hasattr(self, name):
                 init.zeros_(getattr(self, name))
 
@@ -419,19 +428,29 @@ class GateRouter(KeepsFP32Buffers):
 
     @torch.no_grad()
     def balance_shares(self, train_ids, train_mask, entropy, eval_ids=None, eval_mask=None, eval_entropy=None):
-        """Move each share bias by `bias_rate` x (target - share) / target of this batch's asks (real tokens):
+        """Move each share bias against e = (target - share) / target of this batch's asks (real tokens):
         `train_share_bias` from the training pass, `share_bias` from the dropout-free pass when one was
         made (else from the training pass). A batch without a real token, or with a NaN entropy (its
-        input was not finite), leaves both, and is counted in `skipped_updates`."""
+        input was not finite), leaves them, and is counted in `skipped_updates`.
+
+        A bias moves by `bias_rate` x e plus its drift, which sums e at DRIFT_RATE x `bias_rate` (a
+        proportional-integral step). The task's gradient moves the gate's logits steadily, for most
+        tokens alike; a bias moved by e alone trails such a ramp by a share error that does not vanish
+        (0.04-0.12 over the second half of one WikiText-2 epoch, bias_rate 0.2: docs/benchmarks.md),
+        and the drift learns the ramp's slope."""
         finite = ~_nan_at(entropy, train_mask)
         if eval_ids is not None:
             finite = finite & ~_nan_at(eval_entropy, eval_mask)
         train_error, train_found = share_error(train_ids, train_mask, self.targets)
-        self.train_share_bias.add_(self.bias_rate * train_error * (train_found & finite))
+        self._step(self.train_share_bias, self.train_share_drift, train_error, train_found & finite)
         if hasattr(self, "share_bias"):
             eval_error, eval_found = (train_error, train_found) if eval_ids is None else share_error(eval_ids, eval_mask, self.targets)
-            self.share_bias.add_(self.bias_rate * eval_error * (eval_found & finite))
+            self._step(self.share_bias, self.share_drift, eval_error, eval_found & finite)
         self.skipped_updates.add_((~finite).long())
+
+    def _step(self, bias, drift, error, moved):
+        drift.add_(DRIFT_RATE * self.bias_rate * error * moved)
+        bias.add_((self.bias_rate * error + drift) * moved)
 
     @staticmethod
     def score(probs):
@@ -777,11 +796,12 @@ def settle(routers, passes):
         mask = torch.cat([m.flatten() for m in real])
         if isinstance(router, ThresholdRouter):
             score = torch.cat([router.score(r.entropy, p).flatten() for r, p, _ in records])
-            router.settle(score, mask)
+            router.settle(score, mask & torch.isfinite(score))  # a token whose input was not finite is left out
             continue
         score = None if records[0][0].router_score is None else torch.cat([r.router_score.flatten() for r, _, _ in records])
         logits = None if records[0][0].router_logits is None else torch.cat([r.router_logits.flatten(0, -2) for r, _, _ in records])
-        router.settle(score, mask, logits)
+        finite = torch.isfinite(score) if score is not None else torch.isfinite(logits).all(dim=-1)
+        router.settle(score, mask & finite, logits)
 
 
 def eval_statistics(router):

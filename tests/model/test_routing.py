@@ -4,7 +4,7 @@ import torch
 from harness import build, random_ids, tiny_config, wikitext_blocks, wikitext_bpe
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 from modeling_chiar.operators import MixContext
-from modeling_chiar.routing import GateRouter, RandomRouter, ThresholdRouter, balancing_bias, position_hash, route
+from modeling_chiar.routing import DRIFT_RATE, GateRouter, RandomRouter, ThresholdRouter, balancing_bias, break_logit_ties, position_hash, route
 
 
 def test_threshold_bands_two_and_three_operators():
@@ -299,26 +299,32 @@ def test_an_exploring_routers_calibration_is_saved_and_loaded(tmp_path):
 
 
 def test_a_share_bias_moves_against_the_share_error_and_skips_what_it_cannot_count():
-    """router_share_control="bias": one observed batch moves each operator's bias by bias_rate x
-    (target - share) / target, train and eval sets alike without a dropout-free pass; a batch without
-    real tokens, or with a NaN entropy, leaves both and is counted."""
+    """router_share_control="bias": one observed batch moves each operator's drift by DRIFT_RATE x
+    bias_rate x e, e = (target - share) / target, and its bias by bias_rate x e plus the drift, train and
+    eval sets alike without a dropout-free pass; a batch without real tokens, or with a NaN entropy,
+    leaves them all and is counted."""
     three = ["dct", "rbf", "attention"]  # targets 0.375, 0.375, 0.25
     config = tiny_config(router_type="learned", router_share_control="bias", router_bias_rate=0.1, routed_operators=three)
     gate = GateRouter(config, 1, hard=True)
     ids = torch.tensor([[2, 2, 2, 0, 1, 1, 1, 1]])  # shares 0.125, 0.5, 0.375
     entropy = torch.rand(1, 8)
     gate.balance_shares(ids, None, entropy)
-    step = [0.1 * (0.375 - 0.125) / 0.375, 0.1 * (0.375 - 0.5) / 0.375, 0.1 * (0.25 - 0.375) / 0.25]
-    assert gate.train_share_bias.tolist() == pytest.approx(step)
-    assert torch.equal(gate.share_bias, gate.train_share_bias)
+    error = [(0.375 - 0.125) / 0.375, (0.375 - 0.5) / 0.375, (0.25 - 0.375) / 0.25]
+    drift = [DRIFT_RATE * 0.1 * e for e in error]
+    bias = [0.1 * e + d for e, d in zip(error, drift)]
+    assert gate.train_share_drift.tolist() == pytest.approx(drift) and gate.train_share_bias.tolist() == pytest.approx(bias)
+    assert torch.equal(gate.share_bias, gate.train_share_bias) and torch.equal(gate.share_drift, gate.train_share_drift)
     gate.balance_shares(ids, torch.zeros(1, 8, dtype=torch.bool), entropy)  # no real token
     gate.balance_shares(ids, None, entropy.masked_fill(torch.arange(8) == 3, float("nan")))
-    assert gate.train_share_bias.tolist() == pytest.approx(step) and int(gate.skipped_updates) == 1
+    assert gate.train_share_bias.tolist() == pytest.approx(bias) and gate.train_share_drift.tolist() == pytest.approx(drift)
+    assert int(gate.skipped_updates) == 1
     mask = torch.tensor([[True] * 4 + [False] * 4])  # the real tokens alone: shares 0.25, 0, 0.75
     gate.balance_shares(ids, mask, entropy, eval_ids=torch.zeros_like(ids), eval_mask=mask, eval_entropy=entropy)
-    real = [0.1 * (0.375 - 0.25) / 0.375, 0.1, 0.1 * (0.25 - 0.75) / 0.25]
-    assert gate.train_share_bias.tolist() == pytest.approx([a + b for a, b in zip(step, real)])
-    assert gate.share_bias.tolist() == pytest.approx([step[0] + 0.1 * (0.375 - 1) / 0.375, step[1] + 0.1, step[2] + 0.1])
+    for buffer, drift_buffer, errors in ((gate.train_share_bias, gate.train_share_drift, [(0.375 - 0.25) / 0.375, 1.0, (0.25 - 0.75) / 0.25]),
+                                         (gate.share_bias, gate.share_drift, [(0.375 - 1) / 0.375, 1.0, 1.0])):
+        moved = [d + DRIFT_RATE * 0.1 * e for d, e in zip(drift, errors)]
+        assert drift_buffer.tolist() == pytest.approx(moved)
+        assert buffer.tolist() == pytest.approx([b + 0.1 * e + m for b, e, m in zip(bias, errors, moved)])
     # The bias moves the choice, and the probabilities (the straight-through gradient) are the biased gate's.
     x = torch.randn(1, 8, config.hidden_size)
     plain = GateRouter(tiny_config(router_type="learned", routed_operators=three), 1, hard=True)
@@ -512,6 +518,36 @@ def test_a_settled_share_bias_splits_tokens_that_tie_at_the_target_share():
     assert abs(share - 0.25) < 0.005, share
     tied = router(x, entropy, None, None).operator_ids.float().mean().item()
     assert abs(tied - 0.25) > 0.15, tied
+
+
+def test_a_share_bias_holds_the_target_share_while_the_gate_drifts():
+    """The task's gradient raises a gate's attention logit steadily, for every token alike (a ramp). A
+    bias moved by the error alone trails a ramp of slope r by a relative share error r / bias_rate that
+    does not vanish (0.2 / 0.3 here: 0.17 of a 0.25 share); its drift learns the slope, and the share
+    returns to the target."""
+    config = tiny_config(router_type="learned", router_share_control="bias")
+    gate = GateRouter(config, 1, hard=True)
+    generator = torch.Generator().manual_seed(0)
+    shares = []
+    for step in range(600):
+        logits = torch.randn(1, 1024, 2, generator=generator) * 2 + torch.tensor([0.0, 0.2 * step])  # slope 0.2 per pass
+        ids = (logits + gate.train_share_bias).argmax(-1)
+        gate.balance_shares(ids, None, torch.rand(1, 1024, generator=generator))
+        shares.append(ids.float().mean().item())
+    late = torch.tensor(shares[-200:])
+    assert abs(late.mean().item() - 0.25) < 0.005, late.mean()
+    assert late.std().item() < 0.02, late.std()  # a batch's own spread is 0.0135
+
+
+def test_a_tie_split_survives_large_logits():
+    """A mass point of logits far from zero (a gate the task has pushed for a while): split by position,
+    the balancing bias still gives it the target share; the hash is not rounded away beside the offset."""
+    positions = torch.arange(4096)[None]
+    logits = torch.tensor([300.0, 292.0]).expand(1, 4096, 2)
+    split = break_logit_ties(logits, positions, 1)[0]
+    bias = balancing_bias(split, None, torch.tensor([0.75, 0.25]), torch.zeros(2))
+    share = (split + bias).argmax(-1).float().mean().item()
+    assert abs(share - 0.25) < 0.01, share
 
 
 def test_the_balancing_bias_is_the_quantile_cut_for_two_operators_and_exact_for_three():
