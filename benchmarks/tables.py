@@ -4,9 +4,9 @@
         benchmarks/results/quality-wikitext-quick-cpu.json
 """
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 
@@ -235,13 +235,44 @@ def routing_collapse(result):
     return "\n".join(lines)
 
 
+def against_baseline(rows, baseline_rows):
+    """Each routed variant's validation perplexity relative to the full-attention baseline's of the same
+    seed (from another run of the same profile), and the share of the baseline's lead over the random
+    control that the variant closed: (control - variant) / (control - baseline), per seed."""
+    baseline = {row["seed"]: row["valid_perplexity"] for row in baseline_rows if row["model"] == "baseline"}
+    control = {row["seed"]: row["valid_perplexity"] for row in rows if row["model"] == "chiar-random"}
+    by_model = {}
+    for row in rows:
+        if row["model"] != "baseline" and row["seed"] in baseline:
+            seed, ppl = row["seed"], row["valid_perplexity"]
+            closed = (control[seed] - ppl) / (control[seed] - baseline[seed]) if seed in control and control[seed] != baseline[seed] else None
+            by_model.setdefault(row["model"], []).append((100 * (ppl / baseline[seed] - 1), closed))
+    if not by_model:
+        return ""
+    lines = ["| model | valid ppl relative to the baseline's, per seed (%) | mean (%) | lead over the random control closed, per seed |",
+             "|---|---|---|---|"]
+    for model, values in by_model.items():
+        closed = ", ".join("n/a" if c is None else f"{c:.2f}" for _, c in values)
+        lines.append(f"| {model} | " + ", ".join(f"{v:+.2f}" for v, _ in values) + f" | {statistics.mean(v for v, _ in values):+.2f} | {closed} |")
+    return "\n".join(lines)
+
+
 def main():
-    for path in sys.argv[1:]:
+    parser = argparse.ArgumentParser(description="Markdown tables of benchmark result files (docs/benchmarks.md).")
+    parser.add_argument("files", nargs="+", help="result JSON files of benchmarks/results/")
+    parser.add_argument("--baseline", help="a WikiText-2 quality file whose full-attention baseline the quality files are compared with "
+                                           "(seed by seed: relative perplexity, and the share of its lead over the random control closed)")
+    args = parser.parse_args()
+    baseline = json.loads(Path(args.baseline).read_text())["results"] if args.baseline else None
+    for path in args.files:
         result = json.loads(Path(path).read_text())
         print(f"### {path}\n")
         renderers = {"speed": speed, "generation": generation, "quality": quality, "device_check": device_check,
                      "flops_fraction": flops_fraction, "routing_signal": routing_signal, "routing_collapse": routing_collapse}
         print(renderers[result["benchmark"]](result))
+        if baseline is not None and result["benchmark"] == "quality":
+            print(f"\nAgainst the baseline of {args.baseline}:\n")
+            print(against_baseline(result["results"], baseline) or "(no seed in common)")
         print()
 
 

@@ -68,9 +68,9 @@ class ChiarConfig(PretrainedConfig):
             DeepSeek-V3, proportional-integral).
         router_bias_rate (`float`): the bias's step, in logits per unit of relative share error, with
             `router_share_control="bias"` (default 0.3: a share of 0.5 against a target of 0.25 moves it
-            by 0.3 per pass, and its drift by a tenth of that). Without the drift, at 0.2, the training
-            shares of a WikiText-2 epoch trailed the gate by 0.04-0.12 (docs/benchmarks.md); a larger rate
-            follows faster but passes the noise of small batches' shares on to the bias.
+            by 0.3 per pass, and its drift by a tenth of that). Without the drift, at 0.2, a WikiText-2
+            epoch's training passes asked 0.30-0.37 attention for a 0.25 target (docs/benchmarks.md); a
+            larger rate follows faster but passes the noise of small batches' shares on to the bias.
         router_explore (`bool`): learned router only. In training each token's operator is drawn from the
             gate's probabilities (Gumbel-max, per token, on the device) instead of taken as the most likely
             one, and the gate starts at the target shares for every token instead of at the entropy

@@ -296,11 +296,11 @@ class GateRouter(KeepsFP32Buffers):
     top-1 in the forward pass, the executed operator's output scaled by p / p.detach() (1 in value,
     `route()`) so the gate gets gradient. Share control (`router_share_control`): an auxiliary loss
     (`"aux_loss"`), or (`"bias"`) a per-operator bias added to the logits (for the choice and the
-    straight-through gradient; none reaches the bias), moved
-    after each training pass by `bias_rate` x (target - share) / target (the auxiliary-loss-free
-    balancing of DeepSeek-V3, proportional where theirs takes the sign: the sign settles where the
-    median batch hits the target, which with small batches is off the mean): no gradient, so it
-    cannot outweigh the task's. Like the threshold router it keeps two sets, `train_share_bias` for
+    straight-through gradient; none reaches the bias), moved after each training pass by `bias_rate`
+    x (target - share) / target plus a drift that sums that error (`balance_shares`; the
+    auxiliary-loss-free balancing of DeepSeek-V3, proportional-integral where theirs takes the sign:
+    the sign settles where the median batch hits the target, which with small batches is off the
+    mean): no gradient, so it cannot outweigh the task's. Like the threshold router it keeps two sets, `train_share_bias` for
     what training sees (dropout on) and `share_bias` for eval, moved by a dropout-free pass's shares.
     `hard=False` (soft): a dense softmax blend of every operator (no compute saved; an ablation).
     With `router_explore` (learned only) training draws each token's operator from the gate, which
@@ -436,7 +436,7 @@ class GateRouter(KeepsFP32Buffers):
         A bias moves by `bias_rate` x e plus its drift, which sums e at DRIFT_RATE x `bias_rate` (a
         proportional-integral step). The task's gradient moves the gate's logits steadily, for most
         tokens alike; a bias moved by e alone trails such a ramp by a share error that does not vanish
-        (0.04-0.12 over the second half of one WikiText-2 epoch, bias_rate 0.2: docs/benchmarks.md),
+        (0.30-0.37 asked for a 0.25 target in one WikiText-2 epoch, bias_rate 0.2: docs/benchmarks.md),
         and the drift learns the ramp's slope."""
         finite = ~_nan_at(entropy, train_mask)
         if eval_ids is not None:

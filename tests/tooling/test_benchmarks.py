@@ -168,6 +168,16 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
     table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(path)], capture_output=True, text=True)
     assert table.returncode == 0 and "valid ppl minus random control's" in table.stdout, table.stderr
     assert "layer 2 train run / asked" in table.stdout
+    reference = tmp_path / "baseline.json"  # the baseline of another run of the profile, seed by seed
+    reference.write_text(json.dumps({**result, "results": [row for row in result["results"] if row["model"] == "baseline"]}))
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(path), "--baseline", str(reference)],
+                           capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if line.startswith("| chiar-learned |") and line.count("|") == 5)
+    relative = [100 * (ppl["chiar-learned", s] / ppl["baseline", s] - 1) for s in (0, 1)]
+    closed = [(ppl["chiar-random", s] - ppl["chiar-learned", s]) / (ppl["chiar-random", s] - ppl["baseline", s]) for s in (0, 1)]
+    assert row.split(" | ")[1] == ", ".join(f"{v:+.2f}" for v in relative)
+    assert row.split(" | ")[3].rstrip(" |") == ", ".join(f"{c:.2f}" for c in closed)
 
 
 def test_device_check_passes_on_the_cpu(tmp_path):
