@@ -261,7 +261,7 @@ class ChiarTrainer(Trainer):
         if not settled:
             return
         if self.args.world_size > 1:
-            for router in model.model.routers():
+            for router in filter(None, model.model.routers()):  # None: a layer with one operator
                 # the routing module the router was defined in: a Hub checkpoint's remote code has its own copy
                 eval_statistics = sys.modules[type(router).__module__].eval_statistics
                 for name in eval_statistics(router):
