@@ -95,15 +95,15 @@ class TrainingShares:
 
     def __init__(self, config):
         self.layers = [(i, config.layer_operators(i)) for i in range(config.num_hidden_layers) if len(config.layer_operators(i)) > 1]
-        self.counts = None  # (layers, 2, max operators): asked, ran
+        self.width = max(len(ops) for _, ops in self.layers)
+        self.counts = None  # (layers, 2, width): asked, ran
 
     @torch.no_grad()
     def add(self, routing):
-        width = max(len(ops) for _, ops in self.layers)
         counts = torch.stack([torch.stack([
             operator_counts(routing[i].requested_ids if routing[i].requested_ids is not None else routing[i].operator_ids,
-                            routing[i].token_mask, width),
-            operator_counts(routing[i].operator_ids, routing[i].token_mask, width)]) for i, _ in self.layers])
+                            routing[i].token_mask, self.width),
+            operator_counts(routing[i].operator_ids, routing[i].token_mask, self.width)]) for i, _ in self.layers])
         self.counts = counts if self.counts is None else self.counts + counts
 
     def read(self, reduce=None, device="cpu"):
@@ -112,10 +112,9 @@ class TrainingShares:
         the last read takes part with zeros on `device`, so that every process joins the reduction)."""
         if self.counts is None and reduce is None:
             return {}
-        width = max(len(ops) for _, ops in self.layers)
         counts, self.counts = self.counts, None
         if counts is None:
-            counts = torch.zeros(len(self.layers), 2, width, device=device)
+            counts = torch.zeros(len(self.layers), 2, self.width, device=device)
         counts = (counts if reduce is None else reduce(counts)).cpu()
         if not counts.any():
             return {}

@@ -277,9 +277,10 @@ def share_error(ids, mask, targets):
 
 def balancing_bias(logits, mask, targets, start, steps=400, first_rate=1.0, last_rate=1e-7):
     """The bias b at which argmax(logits + b) gives each operator its target share of the rows of `logits`
-    (N, K) where `mask` (N,): `balance_shares`'s proportional update, iterated from `start` on these fixed
-    logits with a step that shrinks geometrically from `first_rate` to `last_rate`, so it settles inside
-    the gap between two tokens' logits rather than jumping across it."""
+    (N, K) where `mask` (N,): the proportional part of `balance_shares`'s step (fixed logits have no drift
+    to follow), iterated from `start` with a step that shrinks geometrically from `first_rate` to
+    `last_rate`, so it settles inside the gap between two tokens' logits rather than jumping across it;
+    `start` where no row is masked in."""
     bias = start.clone().float()
     decay = (last_rate / first_rate) ** (1.0 / steps)
     for step in range(steps):

@@ -4,7 +4,8 @@ import torch
 from harness import build, random_ids, tiny_config, wikitext_blocks, wikitext_bpe
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 from modeling_chiar.operators import MixContext
-from modeling_chiar.routing import DRIFT_RATE, GateRouter, RandomRouter, ThresholdRouter, balancing_bias, break_logit_ties, position_hash, route
+from modeling_chiar.routing import (DRIFT_RATE, GateRouter, RandomRouter, ThresholdRouter, balancing_bias, break_logit_ties, eval_statistics,
+                                    position_hash, route)
 
 
 def test_threshold_bands_two_and_three_operators():
@@ -491,6 +492,29 @@ def test_settling_routes_the_target_shares_of_the_data_it_was_settled_on(variant
             assert abs(shares[op] - target) <= 2 / tokens + 1e-6, (shares, op)
 
 
+@pytest.mark.parametrize("variant", ["chiar-threshold", "chiar-learned-explore-bias", "chiar-learned-bias"])
+def test_settling_leaves_out_tokens_whose_score_is_not_finite(variant):
+    """A row whose hidden states are NaN at the first routed layer (a non-finite input) counts for nothing:
+    the statistics are those settled on the other rows alone."""
+    batches = [{"input_ids": random_ids(4, 32, seed=i)} for i in range(2)]
+    settled = {}
+    for poisoned in (True, False):
+        model = build(ChiarForCausalLM, variant)
+        mixer = model.model.layers[1].mixer
+        hook = mixer.register_forward_pre_hook(lambda module, args: (args[0].index_fill(0, torch.tensor([0]), float("nan")),) + args[1:])
+        if poisoned:
+            model.settle_routing(batches)
+        else:
+            hook.remove()
+            model.settle_routing([{"input_ids": batch["input_ids"][1:]} for batch in batches])
+        hook.remove()
+        settled[poisoned] = [torch.cat([getattr(router, name) for name in eval_statistics(router)]) for router in model.model.routers()
+                             if router is not None and eval_statistics(router)]
+    assert all(torch.isfinite(s).all() for s in settled[True])
+    for with_nan, without in zip(settled[True], settled[False]):
+        torch.testing.assert_close(with_nan, without)
+
+
 def test_settling_leaves_the_training_mode_and_does_nothing_where_nothing_calibrates():
     model = build(ChiarForCausalLM, "chiar-threshold").train()
     assert model.settle_routing([{"input_ids": random_ids(2, 16)}]) == 2 and model.training
@@ -564,3 +588,5 @@ def test_the_balancing_bias_is_the_quantile_cut_for_two_operators_and_exact_for_
     targets = torch.tensor([0.375, 0.375, 0.25])
     shares = torch.bincount((logits + balancing_bias(logits, None, targets, torch.zeros(3))).argmax(-1), minlength=3) / 6000
     torch.testing.assert_close(shares, targets, atol=1e-3, rtol=0)
+    start = torch.tensor([0.5, -0.5, 0.0])
+    assert torch.equal(balancing_bias(logits, torch.zeros(6000, dtype=torch.bool), targets, start), start)  # no row: start

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
+from chiar.evaluation import TrainingShares
 from chiar.training import ChiarTrainer
 from harness import build, random_ids
 from modeling_chiar import ChiarForCausalLM
@@ -55,3 +56,13 @@ def test_training_logs_carry_each_routed_layers_asked_and_executed_shares(tmp_pa
                 assert row[f"train_routing_layer{i}_{op}"] == pytest.approx(ran[op])
                 assert row[f"train_asked_layer{i}_{op}"] == pytest.approx(asked[op])
     assert any(expected[i][0] != expected[i][1] for i in expected)  # some asks overflowed: both are needed
+
+
+def test_a_process_without_training_passes_still_joins_the_reduction():
+    """With several processes every one reduces at each loss log; one that counted nothing since the last
+    log takes part with zeros (else the others would wait for it), and alone it logs no shares."""
+    shares = TrainingShares(build(ChiarForCausalLM, "chiar-random").config)
+    reduced = []
+    assert shares.read(lambda counts: reduced.append(counts) or counts) == {}
+    assert len(reduced) == 1 and reduced[0].shape == (2, 2, 2) and not reduced[0].any()
+    assert shares.read() == {}  # one process: nothing to reduce, nothing to log
