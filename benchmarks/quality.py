@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from chiar.evaluation import perplexity
-from chiar.variants import VARIANTS, config_overrides_argument
+from chiar.variants import VARIANTS, config_overrides_argument, shape
 from common import RESULTS, default_device, describe_device, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def train_lm(name, settings, data, out, tokenizer, seed=0, extra=None, device="c
     config changed further by `extra`; the tokenizer folder `tokenizer` if given, else trained there."""
     shutil.rmtree(out, ignore_errors=True)  # run_clm.py resumes from a checkpoint it finds there
     overrides = config_overrides_argument(name) + f",max_position_embeddings={BLOCK}"
-    overrides += "".join(f",{key}={json.dumps(value)}" for key, value in (extra or {}).items())
+    overrides += "".join(f",{key}={json.dumps(value, separators=(',', ':'))}" for key, value in (extra or {}).items())
     # the training logs (loss, training shares) five times per evaluation interval, so at each evaluation too;
     # at least twice in a run shorter than one interval
     logging = max(1, settings["eval_every"] // 5)
@@ -182,12 +182,14 @@ def wikitext(args, settings, save):
 
 def extra_config(name, args):
     """Config entries the command line adds to variant `name`: the auxiliary-loss weight (the learned
-    router with that loss only) and the budget's capacity factor (every routed variant)."""
+    router with that loss only), the budget's capacity factor and the layer schedule (every routed variant)."""
     extra = {}
     if args.router_aux_loss_coef is not None and name == "chiar-learned":
         extra["router_aux_loss_coef"] = args.router_aux_loss_coef
     if args.capacity_factor is not None and name != "baseline":
         extra["router_capacity_factor"] = args.capacity_factor
+    if args.layer_schedule is not None and name != "baseline":
+        extra["layer_schedule"] = args.layer_schedule
     return extra or None
 
 
@@ -275,6 +277,9 @@ def main():
                         help="the learned router's auxiliary-loss weight (default: the config's, 5.0); recorded in the JSON")
     parser.add_argument("--capacity_factor", type=float,
                         help="the budget's router_capacity_factor for every routed variant (default: the config's, 1.0); recorded in the JSON")
+    parser.add_argument("--layer_schedule", nargs="+", choices=["dct", "rbf", "attention", "routed"],
+                        help="the layer schedule of every routed variant (default: the shape's, dct routed routed attention); "
+                             "the baseline stays full attention; recorded in the JSON")
     parser.add_argument("--data_dir", help="folder holding wikitext-2/ and imdb/ (default ../shared/data)")
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--tag", default="", help="suffix for the result files (keeps an earlier run's files)")
@@ -295,6 +300,13 @@ def main():
         if args.task != "wikitext":
             parser.error("--capacity_factor applies to --task wikitext")
         settings["router_capacity_factor"] = args.capacity_factor
+    if args.layer_schedule is not None:
+        if args.task != "wikitext":
+            parser.error("--layer_schedule applies to --task wikitext")
+        layers = shape(settings["shape"])["num_hidden_layers"]
+        if len(args.layer_schedule) != layers:
+            parser.error(f"--layer_schedule needs one entry per layer: the {settings['shape']} shape has {layers}, got {len(args.layer_schedule)}")
+        settings["layer_schedule"] = args.layer_schedule
     device = torch.device(args.device)
     started = time.perf_counter()
     args.results_dir = args.results_dir.resolve()

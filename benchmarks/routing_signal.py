@@ -18,7 +18,7 @@ that share control lets a router ask for, so a router must tell them apart to ke
 
 Variants: the full-attention baseline of the same shape (`["attention"] * 4`, the ceiling), the
 oracle (attention for exactly the marked tokens, the best any router can do at this budget), the
-random control (the floor: a fixed hash of the position, 25%), the threshold router (the paper's:
+random control (the floor: a fixed hash of the position, 25% of every block), the threshold router (the paper's:
 spectral entropy above a calibrated threshold), the learned router (a gate on [x, H], top-1,
 with its auxiliary share loss), the learned router exploring (`router_explore`: training draws
 each token's operator from the gate, which starts at the target shares), and both with the share

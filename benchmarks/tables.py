@@ -257,15 +257,30 @@ def against_baseline(rows, baseline_rows):
     return "\n".join(lines)
 
 
+ROUTED_ONLY = ("router_capacity_factor", "layer_schedule")  # quality.py settings that never reach the baseline
+
+
+def baseline_settings_differ(result, reference):
+    """What differs between two quality files in the settings that shape the baseline ('' if nothing)."""
+    ours, theirs = ({key: value for key, value in r["settings"].items() if key not in ROUTED_ONLY} for r in (result, reference))
+    differ = [f"{key} {ours.get(key)} vs {theirs.get(key)}" for key in sorted(ours.keys() | theirs.keys()) if ours.get(key) != theirs.get(key)]
+    if (result["task"], result["profile"]) != (reference["task"], reference["profile"]):
+        differ.insert(0, f"{result['task']}/{result['profile']} vs {reference['task']}/{reference['profile']}")
+    return "; ".join(differ)
+
+
 def main():
     parser = argparse.ArgumentParser(description="Markdown tables of benchmark result files (docs/benchmarks.md).")
     parser.add_argument("files", nargs="+", help="result JSON files of benchmarks/results/")
     parser.add_argument("--baseline", help="a WikiText-2 quality file whose full-attention baseline the quality files are compared with "
                                            "(seed by seed: relative perplexity, and the share of its lead over the random control closed)")
     args = parser.parse_args()
-    baseline = json.loads(Path(args.baseline).read_text())["results"] if args.baseline else None
+    reference = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+    baseline = reference["results"] if reference else None
     for path in args.files:
         result = json.loads(Path(path).read_text())
+        if reference is not None and result["benchmark"] == "quality" and (differ := baseline_settings_differ(result, reference)):
+            parser.error(f"--baseline {args.baseline} did not train like {path}: {differ}")
         print(f"### {path}\n")
         renderers = {"speed": speed, "generation": generation, "quality": quality, "device_check": device_check,
                      "flops_fraction": flops_fraction, "routing_signal": routing_signal, "routing_collapse": routing_collapse}

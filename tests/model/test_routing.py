@@ -5,7 +5,7 @@ from harness import build, random_ids, tiny_config, wikitext_blocks, wikitext_bp
 from modeling_chiar import ChiarConfig, ChiarForCausalLM
 from modeling_chiar.operators import MixContext
 from modeling_chiar.routing import (DRIFT_RATE, GateRouter, RandomRouter, ThresholdRouter, balancing_bias, break_logit_ties, eval_statistics,
-                                    position_hash, route)
+                                    block_rank, position_hash, route)
 
 
 def test_threshold_bands_two_and_three_operators():
@@ -110,13 +110,27 @@ def test_random_router_hits_its_share_and_ignores_content():
     router = RandomRouter(config, layer_idx=1)
     positions = torch.arange(20000)[None]
     ids = router(None, None, positions, None).operator_ids
-    assert abs(ids.float().mean().item() - 0.25) < 0.01
+    block = config.router_block_size
+    whole = ids[0, : 20000 // block * block].view(-1, block)
+    assert (whole.sum(-1) == round(0.25 * block)).all()  # every whole block: its share to the token
+    assert not (whole == whole[:1]).all()  # a different draw in each block
     again = router(torch.randn(1, 20000, 32), None, positions, None).operator_ids
     assert torch.equal(ids, again)
     other_layer = RandomRouter(config, layer_idx=2)(None, None, positions, None).operator_ids
     assert not torch.equal(ids, other_layer)  # layers draw different tokens
     u = position_hash(torch.arange(100000), 0)
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    ranks = block_rank(torch.arange(5 * 12)[None], layer_idx=1, block=12).view(5, 12) * 12 - 0.5
+    assert (ranks.sort(-1).values == torch.arange(12.0)).all()  # a permutation of each block
+    assert torch.equal(block_rank(torch.arange(24, 36), 1, 12), block_rank(torch.arange(5 * 12), 1, 12)[24:36])  # of the position alone
+
+
+def test_random_router_splits_three_operators_exactly_per_block():
+    config = tiny_config(router_type="random", routed_operators=["dct", "rbf", "attention"], router_block_size=16,
+                         router_target_fractions={"dct": 0.5, "rbf": 0.25, "attention": 0.25})
+    ids = RandomRouter(config, layer_idx=1)(None, None, torch.arange(16 * 40)[None], None).operator_ids.view(40, 16)
+    counts = torch.stack([(ids == k).sum(-1) for k in range(3)], dim=-1)
+    assert (counts == torch.tensor([8, 4, 4])).all()
 
 
 def test_learned_router_gets_gradient_from_the_loss_and_the_aux_loss():

@@ -129,8 +129,14 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
     assert refused.returncode == 2 and "--profile epoch applies to --task wikitext" in refused.stderr
     refused = subprocess.run([*script, "--task", "imdb", "--capacity_factor", "1.25"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--capacity_factor applies to --task wikitext" in refused.stderr
+    refused = subprocess.run([*script, "--task", "imdb", "--layer_schedule", "dct", "routed"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--layer_schedule applies to --task wikitext" in refused.stderr
+    refused = subprocess.run([*script, "--layer_schedule", "dct", "routed"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "the chiar-v1-2op shape has 4, got 2" in refused.stderr
+    schedule = ["dct", "routed", "routed", "routed"]  # no fixed attention layer: the routed variants' only attention is routed
     variants = ["baseline", "chiar-learned", "chiar-random"]
-    done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants, "--router_aux_loss_coef", "0.5", "--capacity_factor", "1.25"],
+    done = subprocess.run([*script, "--seeds", "0", "1", "--variants", *variants, "--router_aux_loss_coef", "0.5", "--capacity_factor", "1.25",
+                           "--layer_schedule", *schedule],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     path = tmp_path / "out" / "quality-wikitext-quick-cpu.json"
@@ -140,18 +146,19 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
     overrides = {row["model"]: row["config_overrides"] for row in result["results"]}
     assert 'router_type="learned"' in overrides["chiar-learned"] and "router_aux_loss_coef=0.5" in overrides["chiar-learned"]
     assert "router_aux_loss_coef" not in overrides["chiar-random"]  # the weight goes to the learned router only
-    assert result["settings"]["router_capacity_factor"] == 1.25
+    assert result["settings"]["router_capacity_factor"] == 1.25 and result["settings"]["layer_schedule"] == schedule
     for row in result["results"]:  # each trained by run_clm.py: its Trainer's files are there
         run = ROOT / row["run"] if not Path(row["run"]).is_absolute() else Path(row["run"])
         saved = json.loads((run / "config.json").read_text())
         assert saved["router_type"] == {"baseline": "threshold", "chiar-learned": "learned", "chiar-random": "random"}[row["model"]]
         assert saved["router_capacity_factor"] == (1.0 if row["model"] == "baseline" else 1.25)  # routed variants only
+        assert saved["layer_schedule"] == (["attention"] * 4 if row["model"] == "baseline" else schedule)
         assert (run / "trainer_state.json").is_file() and (run / "eval_results.json").is_file()
-        shares = row["train_routing"]  # the training logs' shares: routed layers 1 and 2 of the v1 schedule
+        shares = row["train_routing"]  # the training logs' shares: routed layers 1 to 3 of the schedule
         if row["model"] == "baseline":
             assert shares == {}
         else:
-            assert set(shares) == {f"train_{kind}_layer{i}_{op}" for kind in ("asked", "routing") for i in (1, 2) for op in ("dct", "attention")}
+            assert set(shares) == {f"train_{kind}_layer{i}_{op}" for kind in ("asked", "routing") for i in (1, 2, 3) for op in ("dct", "attention")}
             assert shares["train_routing_layer1_attention"] + shares["train_routing_layer1_dct"] == pytest.approx(1.0)
     ppl = {(row["model"], row["seed"]): row["valid_perplexity"] for row in result["results"]}
     for name in variants:
@@ -178,6 +185,13 @@ def test_quality_seeds_are_paired_and_summarised(tmp_path):
     closed = [(ppl["chiar-random", s] - ppl["chiar-learned", s]) / (ppl["chiar-random", s] - ppl["baseline", s]) for s in (0, 1)]
     assert row.split(" | ")[1] == ", ".join(f"{v:+.2f}" for v in relative)
     assert row.split(" | ")[3].rstrip(" |") == ", ".join(f"{c:.2f}" for c in closed)
+    # a baseline that trained otherwise is refused; the routed-only settings may differ
+    settings = {**result["settings"], "lr": 0.5, "layer_schedule": None, "router_capacity_factor": None}
+    reference.write_text(json.dumps({**result, "settings": settings}))
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), str(path), "--baseline", str(reference)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "did not train like" in refused.stderr and "lr 0.001 vs 0.5" in refused.stderr
+    assert "layer_schedule" not in refused.stderr and "capacity" not in refused.stderr
 
 
 def test_device_check_passes_on_the_cpu(tmp_path):
