@@ -26,6 +26,8 @@ CHIAR and the baseline, model selection on validation, accuracy on test.
     python benchmarks/quality.py --seeds 0 --steps 20     # a smoke run
     python benchmarks/quality.py --profile epoch --variants chiar-random chiar-threshold chiar-learned-bias --capacity_factor 1.25
                                                           # one epoch of the tiny shape per variant and seed (CPU, about 7 min a run)
+    python benchmarks/quality.py --profile epoch --variants chiar-random chiar-learned-bias --capacity_factor 1.25 --layer_schedule dct routed routed routed --tag routed-last
+                                                          # the same, no layer where every token attends (the baseline stays full attention)
     python benchmarks/quality.py --profile full           # GPU profile (full epochs)
     python benchmarks/quality.py --task imdb              # IMDB, quick profile
     python benchmarks/quality.py --task listops           # ListOps, quick profile
